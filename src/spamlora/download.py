@@ -1,0 +1,129 @@
+"""The one download helper: mirrors, timeouts, retries, checksums, atomic placement.
+
+Used for the dataset and for the GPT-2 files. Sources may be http(s) URLs, `file://` URLs
+or plain local paths (for air-gapped mirrors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from .errors import SpamloraError
+from .fileio import atomic_path
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+USER_AGENT = "spamlora/0.1"
+
+
+class DownloadError(SpamloraError, RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    url: str
+    sha256: str
+    bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Retryable(Exception):
+    """A failure worth trying the same source again for (network trouble, HTTP 5xx)."""
+
+
+def to_url(source: str) -> str:
+    """A URL for `source`; plain paths become `file://` URLs."""
+    scheme = urlparse(source).scheme
+    if scheme in ("http", "https", "file"):
+        return source
+    return Path(source).expanduser().resolve().as_uri()
+
+
+def join_url(base: str, name: str) -> str:
+    return to_url(base).rstrip("/") + "/" + name
+
+
+def _fetch_once(url: str, tmp: Path, timeout: float, desc: str) -> tuple[str, int]:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    digest, size = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with open(tmp, "wb") as out, tqdm(
+                total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=desc, disable=None, leave=False,
+            ) as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if e.code >= 500 or e.code in (408, 429):
+            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except FileNotFoundError:
+        raise DownloadError(f"{url}: no such file") from None
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+            ConnectionError) as e:
+        raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+    if expected is not None and size != expected:
+        raise _Retryable(f"connection closed after {size} of {expected} bytes")
+    return digest.hexdigest(), size
+
+
+def download(
+    sources: Sequence[str],
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> Downloaded:
+    """Fetch the first source that works into `dest`.
+
+    Each source is tried up to `1 + retries` times, waiting `backoff * 2**k` seconds
+    between tries, for network errors and HTTP 5xx; a 4xx or a checksum mismatch moves
+    on to the next source. `dest` appears only once complete and verified.
+    """
+    if not sources:
+        raise DownloadError(f"{dest}: no source to download from")
+    dest = Path(dest)
+    failures: list[str] = []
+    for source in sources:
+        url = to_url(source)
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(backoff * 2 ** (attempt - 1))
+            try:
+                with atomic_path(dest) as tmp:
+                    digest, size = _fetch_once(url, tmp, timeout, dest.name)
+                    if sha256 is not None and digest != sha256.lower():
+                        raise DownloadError(f"{url}: sha256 {digest} does not match the "
+                                            f"expected {sha256.lower()}")
+                return Downloaded(url=url, sha256=digest, bytes=size)
+            except _Retryable as e:
+                log.warning("%s: try %d of %d failed: %s", url, attempt + 1, retries + 1, e)
+                failure = f"{url}: {e} (after {attempt + 1} tries)"
+            except DownloadError as e:
+                failure = str(e)
+                break
+        failures.append(failure)
+        log.warning("%s", failure)
+    raise DownloadError(f"could not download {dest.name}:\n  " + "\n  ".join(failures))

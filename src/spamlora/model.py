@@ -1,0 +1,140 @@
+"""GPT-2 in plain PyTorch: the whole model on one screen.
+
+Layout and parameter names follow the textbook model of *Build a Large Language Model
+(From Scratch)* (Raschka, 2024): separate Q, K, V and output projections with bias,
+pre-LayerNorm blocks, GELU(tanh) MLP, and an output head kept as its own module but tied
+to the token embedding, as in GPT-2 (a classifier swaps it for its own head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    drop_rate: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by "
+                             f"n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def with_dropout(self, drop_rate: float) -> GPTConfig:
+        return replace(self, drop_rate=drop_rate)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.emb_dim
+        self.n_heads = cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.W_query = nn.Linear(d, d)
+        self.W_key = nn.Linear(d, d)
+        self.W_value = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.resid_dropout = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        # (b, t, d) -> (b, heads, t, head_dim)
+        q, k, v = (w(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.drop_rate if self.training else 0.0)
+        return self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            nn.Dropout(cfg.drop_rate),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.att = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.att(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(cfg.n_layers)))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head.weight = self.tok_emb.weight  # tied, as in GPT-2
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-LayerNorm hidden states, shape (batch, seq, emb_dim)."""
+        t = idx.shape[1]
+        if t > self.cfg.context_length:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context length "
+                             f"of {self.cfg.context_length}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        return self.final_norm(self.trf_blocks(x))
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for token ids `idx` of shape (batch, seq).
+
+        Without `lengths`: logits at every position, (batch, seq, out_features).
+        With `lengths` (real tokens per right-padded row): logits read from each row's
+        last real token only, (batch, out_features). Attention is causal, so that token
+        never sees the padding after it and the result does not depend on the padding.
+        """
+        h = self.hidden_states(idx)
+        if lengths is not None:
+            if lengths.min() < 1 or lengths.max() > idx.shape[1]:
+                raise ValueError("lengths must lie in [1, seq_len]")
+            h = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
+        return self.out_head(h)

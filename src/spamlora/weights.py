@@ -1,0 +1,157 @@
+"""Load Hugging Face GPT-2 checkpoints (`config.json` + `model.safetensors`) into `GPTModel`.
+
+Hugging Face GPT-2 uses `Conv1D` layers whose weights are stored (in, out), the transpose
+of `nn.Linear`, and fuses Q, K, V into one `c_attn`. Two layouts exist in the wild: the
+hub's published files name tensors without a prefix and carry causal-mask buffers
+(`h.N.attn.bias`, `h.N.attn.masked_bias`); folders written by current `transformers`
+prefix every name with `transformer.` and drop the tied `lm_head.weight`.
+Safetensors only: no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .download import download, join_url
+from .errors import SpamloraError
+from .fileio import atomic_path, write_json
+from .model import GPTConfig, GPTModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, "vocab.json", "merges.txt")
+DOWNLOAD_RECORD = "download.json"
+
+
+class WeightsError(SpamloraError, ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and tensor."""
+
+
+def read_config(folder: str | Path) -> GPTConfig:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: missing (expected a Hugging Face GPT-2 config)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON: {e}") from None
+    keys = {"vocab_size": "vocab_size", "context_length": "n_positions", "emb_dim": "n_embd",
+            "n_layers": "n_layer", "n_heads": "n_head"}
+    missing = [hf for hf in keys.values() if hf not in raw]
+    if missing:
+        raise WeightsError(f"{path}: missing key(s) {missing}")
+    try:
+        return GPTConfig(**{ours: raw[hf] for ours, hf in keys.items()},
+                         layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    d, ff = cfg.emb_dim, 4 * cfg.emb_dim
+    shapes = {"wte.weight": (cfg.vocab_size, d), "wpe.weight": (cfg.context_length, d),
+              "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(cfg.n_layers):
+        p = f"h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "mlp.c_fc.weight": (d, ff), p + "mlp.c_fc.bias": (ff,),
+            p + "mlp.c_proj.weight": (ff, d), p + "mlp.c_proj.bias": (d,),
+        })
+    return shapes
+
+
+def _is_ignorable(name: str) -> bool:
+    # Causal-mask buffers of old checkpoints, not parameters.
+    return name.startswith("h.") and name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+def read_state(folder: str | Path, cfg: GPTConfig,
+               load: bool = True) -> dict[str, torch.Tensor]:
+    """Every GPT-2 tensor of the folder's safetensors file, keyed without prefix, checked
+    against `cfg`: missing, unexpected or wrongly shaped tensors are errors. With
+    `load=False` only the file's header is checked and nothing is returned."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (expected GPT-2 weights in safetensors format)")
+    expected = _expected_shapes(cfg)
+    expected_lm_head = expected["wte.weight"]  # lm_head is tied to wte: shape check only
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = {key: key.removeprefix("transformer.") for key in f.keys()
+                    if not _is_ignorable(key.removeprefix("transformer."))}
+            for key, name in keys.items():
+                shape = tuple(f.get_slice(key).get_shape())
+                want = expected_lm_head if name == "lm_head.weight" else expected.get(name)
+                if want is None:
+                    raise WeightsError(f"{path}: unexpected tensor {key!r} for a GPT-2 of "
+                                       f"{cfg.n_layers} layers (config.json)")
+                if shape != want:
+                    raise WeightsError(f"{path}: tensor {key!r} has shape {shape}, "
+                                       f"expected {want} from config.json")
+            missing = sorted(set(expected) - set(keys.values()))
+            if missing:
+                shown = ", ".join(missing[:5]) + (
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise WeightsError(f"{path}: missing tensor(s) {shown}")
+            if load:
+                state = {name: f.get_tensor(key) for key, name in keys.items()
+                         if name != "lm_head.weight"}
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): "
+                           f"{e}") from None
+    return state
+
+
+def fetch_model(base_url: str, dest: str | Path, timeout: float, retries: int) -> dict:
+    """Download a GPT-2 folder (weights, config, tokenizer files) into `dest`, check that
+    it loads, and record each file's source, sha256 and size in `dest/download.json`.
+    `dest` appears only when complete."""
+    record = {}
+    with atomic_path(dest, is_dir=True) as tmp:
+        for name in MODEL_FILES:
+            got = download([join_url(base_url, name)], tmp / name, timeout=timeout,
+                           retries=retries)
+            record[name] = got.as_dict()
+        read_state(tmp, read_config(tmp), load=False)
+        write_json(tmp / DOWNLOAD_RECORD, record)
+    return record
+
+
+@torch.no_grad()
+def load_gpt2(folder: str | Path, drop_rate: float = 0.0) -> GPTModel:
+    """A `GPTModel` with the weights of a Hugging Face GPT-2 folder, output head tied."""
+    cfg = read_config(folder).with_dropout(drop_rate)
+    state = read_state(folder, cfg)
+    model = GPTModel(cfg)
+    model.tok_emb.weight.copy_(state["wte.weight"])
+    model.pos_emb.weight.copy_(state["wpe.weight"])
+    model.final_norm.weight.copy_(state["ln_f.weight"])
+    model.final_norm.bias.copy_(state["ln_f.bias"])
+    for i, block in enumerate(model.trf_blocks):
+        p = f"h.{i}."
+        att, ff = block.att, block.ff.layers
+        # Conv1D stores (in, out): transpose for nn.Linear.
+        for linear, w, b in zip(
+            (att.W_query, att.W_key, att.W_value),
+            state[p + "attn.c_attn.weight"].chunk(3, dim=1),
+            state[p + "attn.c_attn.bias"].chunk(3, dim=0), strict=True,
+        ):
+            linear.weight.copy_(w.T)
+            linear.bias.copy_(b)
+        for linear, hf in ((att.out_proj, "attn.c_proj"), (ff[0], "mlp.c_fc"),
+                           (ff[2], "mlp.c_proj")):
+            linear.weight.copy_(state[p + hf + ".weight"].T)
+            linear.bias.copy_(state[p + hf + ".bias"])
+        for norm, hf in ((block.norm1, "ln_1"), (block.norm2, "ln_2")):
+            norm.weight.copy_(state[p + hf + ".weight"])
+            norm.bias.copy_(state[p + hf + ".bias"])
+    return model.eval()  # out_head is tied to tok_emb, so it now holds wte too

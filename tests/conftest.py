@@ -1,0 +1,181 @@
+"""Shared fixtures: real data from ../shared/data when present, a loopback HTTP server,
+and tiny GPT-2 folders written by `transformers.save_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+SMS_ZIP = SHARED / "sms_spam" / "smsspamcollection.zip"
+SMS_FILE = SHARED / "sms_spam" / "SMSSpamCollection"
+BPE_DIR = SHARED / "gpt2_bpe"
+
+
+@pytest.fixture
+def sms_zip() -> Path:
+    if not SMS_ZIP.is_file():
+        pytest.skip(f"{SMS_ZIP} not present (real dataset; see ../shared/data/README.md)")
+    return SMS_ZIP
+
+
+@pytest.fixture
+def sms_file() -> Path:
+    if not SMS_FILE.is_file():
+        pytest.skip(f"{SMS_FILE} not present (real dataset; see ../shared/data/README.md)")
+    return SMS_FILE
+
+
+@pytest.fixture
+def gpt2_bpe() -> Path:
+    if not (BPE_DIR / "encoder.json").is_file():
+        pytest.skip(f"{BPE_DIR} not present (GPT-2 BPE files)")
+    return BPE_DIR
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (from its encoder.py)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_tokenizer_files(folder: Path) -> int:
+    """GPT-2's real vocab.json / merges.txt when ../shared has them, else a byte-level
+    stand-in (256 byte tokens, no merges, `<|endoftext|>` = 256). Returns the vocab size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (BPE_DIR / "encoder.json").is_file():
+        shutil.copy(BPE_DIR / "encoder.json", folder / "vocab.json")
+        shutil.copy(BPE_DIR / "vocab.bpe", folder / "merges.txt")
+        return 50257
+    mapping = _bytes_to_unicode()
+    vocab = {mapping[b]: i for i, b in enumerate(sorted(mapping, key=lambda b: ord(mapping[b])))}
+    vocab["<|endoftext|>"] = 256
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return 257
+
+
+def make_hf_gpt2(folder: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 2,
+                 n_positions: int = 256, seed: int = 0, tokenizer: bool = True,
+                 vocab_size: int | None = None) -> Path:
+    """A randomly initialised GPT-2 saved by `transformers` (prefixed tensor names, no
+    `lm_head.weight`), with tokenizer files."""
+    import torch
+    import transformers
+
+    size = write_tokenizer_files(folder) if tokenizer else 50257
+    config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                     n_positions=n_positions, vocab_size=vocab_size or size)
+    torch.manual_seed(seed)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_hf_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    fail_times: int = 0  # answer the first N requests with `fail_status`...
+    fail_status: int = 500
+    drop_after: int | None = None  # ...or send only this many bytes, then hang up
+    hits: int = 0
+
+
+@dataclass
+class LocalServer:
+    """An HTTP server on 127.0.0.1 with an ephemeral port; routes set by the test."""
+    base_url: str
+    routes: dict[str, Route] = field(default_factory=dict)
+
+    def serve(self, path: str, body: bytes = b"", **kw) -> str:
+        self.routes[path] = Route(body=body, **kw)
+        return self.base_url + path
+
+    def serve_dir(self, prefix: str, folder: Path) -> str:
+        for f in folder.iterdir():
+            if f.is_file():
+                self.serve(f"{prefix}/{f.name}", f.read_bytes())
+        return self.base_url + prefix
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    server_ref: dict[str, LocalServer] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            route = server_ref["s"].routes.get(self.path)
+            if route is None:
+                self.send_error(404)
+                return
+            route.hits += 1
+            if route.hits <= route.fail_times or route.status != 200:
+                self.send_error(route.fail_status if route.hits <= route.fail_times
+                                else route.status)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            if route.drop_after is not None:
+                self.wfile.write(route.body[: route.drop_after])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(route.body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_ref["s"] = LocalServer(f"http://127.0.0.1:{httpd.server_address[1]}")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_ref["s"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def sms_lines(n_ham: int = 30, n_spam: int = 20) -> str:
+    """A small stand-in SMS Spam Collection (spam has tell-tale words)."""
+    ham = [f"hey are we still meeting at {i} pm, see you soon" for i in range(n_ham)]
+    spam = [f"WINNER! claim your FREE prize {i} now, txt CLAIM to 8{i:04d}"
+            for i in range(n_spam)]
+    lines = [f"ham\t{t}" for t in ham] + [f"spam\t{t}" for t in spam]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def make_zip(tmp_path) -> Callable[..., Path]:
+    import zipfile
+
+    def make(members: dict[str, str | bytes], name: str = "sms.zip") -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            for member, content in members.items():
+                z.writestr(member, content)
+        return path
+
+    return make

@@ -1,0 +1,108 @@
+"""`load_gpt2`: both published layouts load; every malformed folder is a clear error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from spamlora.weights import WeightsError, load_gpt2, read_config
+
+from .conftest import make_hf_gpt2
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_hf_gpt2(tmp_path / "m", n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                        tokenizer=False, vocab_size=300)
+
+
+def rewrite(folder, edit):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def test_hub_layout_without_prefix_with_mask_buffers_and_lm_head(folder, tmp_path):
+    hub = tmp_path / "hub"
+    shutil.copytree(folder, hub)
+
+    def to_hub_layout(t):
+        for key in list(t):
+            t[key.removeprefix("transformer.")] = t.pop(key)
+        for i in range(2):  # causal-mask buffers of the published checkpoints
+            t[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+            t[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        t["lm_head.weight"] = t["wte.weight"].clone()
+
+    rewrite(hub, to_hub_layout)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt2(hub)(ids), load_gpt2(folder)(ids))
+
+
+def test_truncated_file(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=r"model\.safetensors: unreadable"):
+        load_gpt2(folder)
+
+
+def test_garbage_file(folder):
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="unreadable"):
+        load_gpt2(folder)
+
+
+def test_missing_tensor_is_named(folder):
+    rewrite(folder, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(WeightsError, match=r"missing tensor\(s\) h\.1\.mlp\.c_fc\.bias"):
+        load_gpt2(folder)
+
+
+def test_extra_tensor_is_named(folder):
+    rewrite(folder, lambda t: t.update({"transformer.h.2.ln_1.weight": torch.ones(16)}))
+    with pytest.raises(WeightsError, match=r"unexpected tensor 'transformer\.h\.2\.ln_1"):
+        load_gpt2(folder)
+
+
+def test_wrong_shape_is_named(folder):
+    rewrite(folder, lambda t: t.update({"transformer.ln_f.weight": torch.ones(17)}))
+    with pytest.raises(WeightsError, match=r"'transformer\.ln_f\.weight' has shape \(17,\)"):
+        load_gpt2(folder)
+
+
+def test_config_that_does_not_match_the_tensors(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"has shape .* expected .* from config\.json"):
+        load_gpt2(folder)
+
+
+def test_missing_and_broken_config(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config\.json: not valid JSON"):
+        read_config(folder)
+    (folder / "config.json").write_text(json.dumps({"n_embd": 16}))
+    with pytest.raises(WeightsError, match="missing key"):
+        read_config(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(WeightsError, match=r"config\.json: missing"):
+        load_gpt2(folder)
+
+
+def test_missing_weights_file(folder):
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model\.safetensors: missing"):
+        load_gpt2(folder)
+
+
+def test_no_pickle_is_ever_read(folder):
+    # A pytorch_model.bin beside it is ignored; without safetensors the load fails.
+    torch.save({"x": torch.ones(1)}, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="safetensors"):
+        load_gpt2(folder)
