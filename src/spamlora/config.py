@@ -1,0 +1,241 @@
+"""The pipeline's parameters as one validated, typed object.
+
+Stages read `params.yaml` with `load_params(path)` and pass the sections they need to the
+library; nothing in the library opens `params.yaml` on its own. Every error names the
+file and the dotted parameter, e.g. ``params.yaml: train.lr must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from .errors import SpamloraError
+from .model import PRESETS
+
+URL_SCHEMES = ("http", "https", "file")
+LORA_TARGETS = ("query", "key", "value", "attn_out", "mlp_fc", "mlp_proj")
+
+
+class ParamsError(SpamloraError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    timeout: float = 30.0  # seconds, for connecting and for each read
+    retries: int = 3  # further tries after the first, with exponential back-off
+
+    def check(self, err) -> None:
+        err(self.timeout > 0, "timeout", "must be > 0")
+        err(self.retries >= 0, "retries", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+    mirrors: list[str] = field(default_factory=list)
+    sha256: str | None = None
+    on_bad_line: str = "error"
+    seed: int = 123
+    train_frac: float = 0.7
+    val_frac: float = 0.1
+
+    def check(self, err) -> None:
+        for i, url in enumerate([self.url, *self.mirrors]):
+            err(_url_ok(url), "url" if i == 0 else f"mirrors[{i - 1}]",
+                f"must be an {'/'.join(URL_SCHEMES)} URL or a local path, got {url!r}")
+        err(self.sha256 is None or (len(self.sha256) == 64 and
+                                    all(c in "0123456789abcdef" for c in self.sha256.lower())),
+            "sha256", "must be 64 hex digits or null")
+        err(self.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
+        err(0 < self.train_frac < 1, "train_frac", "must lie in (0, 1)")
+        err(0 < self.val_frac < 1, "val_frac", "must lie in (0, 1)")
+        err(self.train_frac + self.val_frac < 1, "val_frac",
+            "train_frac + val_frac must be < 1 (the rest is the test split)")
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url, *self.mirrors]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = "gpt2"
+    # `{name}` is replaced by `name`; the folder must hold the four files of MODEL_FILES.
+    url: str = "https://huggingface.co/openai-community/{name}/resolve/main"
+
+    def check(self, err) -> None:
+        err(self.name in PRESETS, "name", f"must be one of {sorted(PRESETS)}")
+        err(_url_ok(self.url), "url", f"must be an {'/'.join(URL_SCHEMES)} URL or a local "
+                                      f"path, got {self.url!r}")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.replace("{name}", self.name)
+
+
+@dataclass(frozen=True)
+class LoRAParams:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def check(self, err) -> None:
+        err(self.rank >= 1, "rank", "must be >= 1")
+        err(self.alpha > 0, "alpha", "must be > 0")
+        err(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
+        err(len(self.targets) > 0, "targets", "must name at least one layer")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        err(not bad, "targets", f"unknown target(s) {bad}; choose from {list(LORA_TARGETS)}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 8e-4
+    weight_decay: float = 0.1
+    seed: int = 123
+    max_length: int | None = None  # None: longest training message, capped at the context
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    precision: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
+    padding: str = "batch"  # batch: pad to each batch's longest; max_length: pad all alike
+    group_by_length: bool = True  # draw batches from messages of similar length
+
+    def check(self, err) -> None:
+        err(self.epochs >= 1, "epochs", "must be >= 1")
+        err(self.batch_size >= 1, "batch_size", "must be >= 1")
+        err(self.lr > 0, "lr", "must be > 0")
+        err(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        err(self.max_length is None or self.max_length >= 1, "max_length",
+            "must be null or >= 1")
+        err(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            "device", "must be auto, cpu, cuda, cuda:N or mps")
+        err(self.precision in ("auto", "fp32", "bf16"), "precision",
+            "must be auto, fp32 or bf16")
+        err(self.padding in ("batch", "max_length"), "padding", "must be batch or max_length")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 64
+    precision: str = "auto"  # as train.precision; `spamlora predict` uses the same
+
+    def check(self, err) -> None:
+        err(self.batch_size >= 1, "batch_size", "must be >= 1")
+        err(self.precision in ("auto", "fp32", "bf16"), "precision",
+            "must be auto, fp32 or bf16")
+
+
+@dataclass(frozen=True)
+class Params:
+    download: DownloadParams = field(default_factory=DownloadParams)
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    lora: LoRAParams = field(default_factory=LoRAParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    @classmethod
+    def from_dict(cls, raw: object, source: str = "params") -> Params:
+        """Build and validate; unknown, missing or mistyped keys are errors."""
+        return _build(cls, raw, source, "")
+
+    def flat(self) -> dict[str, object]:
+        """Every parameter as `section.key` -> value (for MLflow)."""
+        return {f"{s}.{k}": v for s, sec in dataclasses.asdict(self).items()
+                for k, v in sec.items()}
+
+
+def load_params(path: str | Path) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return Params.from_dict(raw, source=str(path))
+
+
+def _url_ok(url: object) -> bool:
+    if not isinstance(url, str) or not url:
+        return False
+    scheme = urlparse(url).scheme
+    return scheme in URL_SCHEMES or scheme == "" or len(scheme) == 1  # "" or "C:" = a path
+
+
+def _check_type(value: object, hint: object) -> bool:
+    if hint is typing.Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # type: ignore[arg-type]
+
+
+def _yaml11_float(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _type_name(hint: object) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls, raw, source: str, prefix: str):
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{source}: unknown parameter(s) "
+                          f"{', '.join(prefix + str(k) for k in unknown)}")
+    values = {}
+    for name in fields:
+        dotted = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if name not in raw:
+                raise ParamsError(f"{source}: missing section {dotted}")
+            values[name] = _build(hint, raw[name], source, dotted + ".")
+            continue
+        if name not in raw:
+            # Every key must be in params.yaml: DVC tracks each one and `dvc exp run -S`
+            # only sets keys that exist.
+            raise ParamsError(f"{source}: missing parameter {dotted}")
+        value = raw[name]
+        if hint is float and isinstance(value, str):
+            value = _yaml11_float(value)  # PyYAML reads `8e-4` (no dot) as a string
+        if not _check_type(value, hint):
+            raise ParamsError(f"{source}: {dotted} must be {_type_name(hint)}, "
+                              f"got {value!r}")
+        values[name] = float(value) if hint is float else value
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        def err(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ParamsError(f"{source}: {prefix}{key} {message}")
+        obj.check(err)
+    return obj

@@ -1,0 +1,79 @@
+"""Where every stage reads and writes, relative to the workspace root.
+
+`dvc.yaml` lists the same paths as deps and outs; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    # download_data
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def raw_zip(self) -> Path:
+        return self.raw_dir / "smsspamcollection.zip"
+
+    @property
+    def raw_messages(self) -> Path:
+        return self.raw_dir / "SMSSpamCollection"
+
+    @property
+    def raw_download_record(self) -> Path:
+        return self.raw_dir / "download.json"
+
+    # balance, split
+    @property
+    def balanced(self) -> Path:
+        return self.root / "data" / "balanced.csv"
+
+    def split(self, name: str) -> Path:
+        return self.root / "data" / f"{name}.csv"
+
+    # download_model
+    @property
+    def base_model(self) -> Path:
+        return self.root / "data" / "base_model"
+
+    # train
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "data" / "train"
+
+    @property
+    def adapter(self) -> Path:
+        return self.train_dir / "adapter.safetensors"
+
+    @property
+    def mlflow_run(self) -> Path:
+        return self.train_dir / "mlflow_run.json"
+
+    # evaluate
+    @property
+    def test_predictions(self) -> Path:
+        return self.root / "data" / "evaluate" / "test_predictions.csv"
+
+    # metrics/ (small, tracked by DVC as metrics and plots)
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def metrics(self, name: str) -> Path:
+        return self.metrics_dir / f"{name}.json"
+
+    def plot_data(self, name: str) -> Path:
+        return self.metrics_dir / "plots" / f"{name}.csv"
+
+    def figure(self, name: str) -> Path:
+        return self.metrics_dir / "figures" / f"{name}.png"
+
+
+SPLITS = ("train", "validation", "test")
