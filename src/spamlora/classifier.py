@@ -1,0 +1,237 @@
+"""GPT-2 + LoRA as a sequence classifier, its adapter file, and batched inference.
+
+The adapter file holds only what training changed (the LoRA matrices and the new head)
+plus, in its safetensors metadata, everything needed to rebuild the classifier on the
+public base model: base config, LoRA settings, number of classes, max length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import batching
+from .errors import SpamloraError
+from .fileio import atomic_path
+from .lora import TARGET_MODULES, merge, replace_linear_with_lora
+from .model import GPTConfig, GPTModel
+
+ADAPTER_FORMAT = "spamlora-adapter/1"
+
+
+class AdapterError(SpamloraError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """How a classifier was built: stored with its adapter."""
+    base_model: str
+    base_config: GPTConfig
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(TARGET_MODULES)
+    num_classes: int = 2
+    max_length: int = 1024
+    pad_id: int = 50256
+    extra: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        d = asdict(self)
+        d["base_config"] = asdict(self.base_config)
+        d["targets"] = list(self.targets)
+        return {"format": ADAPTER_FORMAT, "spec": json.dumps(d, sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, source: str) -> AdapterSpec:
+        if not meta or meta.get("format") != ADAPTER_FORMAT:
+            raise AdapterError(f"{source}: not a spamlora adapter (format "
+                               f"{(meta or {}).get('format')!r}, expected {ADAPTER_FORMAT!r})")
+        try:
+            d = json.loads(meta["spec"])
+            d["base_config"] = GPTConfig(**d["base_config"])
+            d["targets"] = tuple(d["targets"])
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise AdapterError(f"{source}: unreadable adapter metadata: {e}") from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def add_lora(model: GPTModel, spec: AdapterSpec, seed: int) -> GPTModel:
+    """Freeze `model` and inject LoRA (seeded), in place; the LM head is untouched."""
+    freeze(model)
+    torch.manual_seed(seed)
+    return replace_linear_with_lora(model, spec.rank, spec.alpha, spec.targets, spec.dropout)
+
+
+def swap_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
+    """Replace the LM head with a trainable `Linear(emb_dim, num_classes)` (seeded)."""
+    torch.manual_seed(seed)
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.tok_emb.weight.device)
+    return model
+
+
+def build_classifier(base: GPTModel, spec: AdapterSpec, seed: int) -> GPTModel:
+    """Frozen base + LoRA + a new trainable head: the classifier before training."""
+    if base.cfg.with_dropout(0.0) != spec.base_config.with_dropout(0.0):
+        raise AdapterError(f"adapter was made for a base model with config "
+                           f"{spec.base_config}, but the base model has {base.cfg}")
+    return swap_head(add_lora(base, spec, seed), spec.num_classes, seed)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total). Tied tensors count once per module, as the textbook model,
+    whose output head is its own matrix, counts them."""
+    params = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def save_adapter(model: GPTModel, spec: AdapterSpec, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(trainable_state(model), str(tmp), metadata=spec.to_metadata())
+
+
+def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter not found (train one with `dvc repro train`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            spec = AdapterSpec.from_metadata(f.metadata(), str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: unreadable adapter file (truncated or corrupt?): "
+                           f"{e}") from None
+    return spec, tensors
+
+
+def load_classifier(base: GPTModel, adapter: str | Path) -> tuple[GPTModel, AdapterSpec]:
+    """The trained classifier: `base` (modified in place) with the adapter applied."""
+    spec, tensors = read_adapter(adapter)
+    model = build_classifier(base, spec, seed=0)
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) -
+                                                                        set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{adapter}: does not fit the classifier it describes "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, p in expected.items():
+            if tensors[name].shape != p.shape:
+                raise AdapterError(f"{adapter}: tensor {name!r} has shape "
+                                   f"{tuple(tensors[name].shape)}, the base model needs "
+                                   f"{tuple(p.shape)}")
+            p.copy_(tensors[name])
+    return model, spec
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where the hardware computes bf16 natively, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                 or torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=dtype == torch.bfloat16)
+
+
+@torch.inference_mode()
+def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
+                   batch_size: int, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Class logits (n, num_classes) in input order, from length-sorted batches."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(token_ids), model.out_head.out_features), dtype=np.float32)
+    order = batching.inference_order([len(t) for t in token_ids], batch_size)
+    with autocast(device, dtype):
+        for batch in batching.batches(token_ids, order, pad_id):
+            b = batch.to(device)
+            out[batch.index.numpy()] = model(b.ids, b.lengths).float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def merged_for_inference(model: GPTModel) -> GPTModel:
+    """LoRA folded into the base weights: inference then costs what the base costs."""
+    return merge(model).eval()
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    lm_trainable: int  # the LoRA-adapted language model, before the head swap
+    lm_total: int
+    trainable: int  # the classifier: LoRA + the new head
+    total: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def parameter_counts(classifier: GPTModel) -> ParameterCounts:
+    """Counts of the classifier and of the LM it was made from. The swap only changed the
+    head, so the LM's figures follow: less the new head, plus the LM head, which the
+    textbook model (and so the seed's 164,364,288) counts as its own matrix."""
+    trainable, total = count_parameters(classifier)
+    head = sum(p.numel() for p in classifier.out_head.parameters())
+    lm_head = classifier.cfg.vocab_size * classifier.cfg.emb_dim
+    return ParameterCounts(trainable - head, total - head + lm_head, trainable, total)
+
+
+def format_summary(classifier: GPTModel, counts: ParameterCounts) -> str:
+    """The model's structure (the first block in full) and its parameter table."""
+    lines = [f"{type(classifier).__name__}("]
+    for name, module in classifier.named_children():
+        if name == "trf_blocks":
+            n = len(module)
+            first = repr(module[0]).replace("\n", "\n    ")
+            lines.append(f"  (trf_blocks): {n} x TransformerBlock, each like block 0:")
+            lines.append(f"    (0): {first}")
+            if n > 1:
+                lines.append(f"    (1-{n - 1}): {n - 1} more, same structure")
+        else:
+            lines.append(f"  ({name}): {module!r}".replace("\n", "\n  "))
+    lines.append(")")
+    rows = [("LM + LoRA (before head swap)", counts.lm_trainable, counts.lm_total),
+            (f"Classifier ({classifier.out_head.out_features}-class head)",
+             counts.trainable, counts.total)]
+    lines += ["", f"{'':32}{'trainable':>14}{'total':>16}{'fraction':>10}"]
+    lines += [f"{label:32}{t:>14,}{n:>16,}{t / n:>10.2%}" for label, t, n in rows]
+    return "\n".join(lines)

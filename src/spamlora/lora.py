@@ -1,0 +1,133 @@
+"""Low-rank adaptation (LoRA) of the Linear layers of `GPTModel`.
+
+Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
+(https://arxiv.org/abs/2106.09685): a frozen weight W is adapted as
+``W x + (alpha / r) * B A x`` where A and B have rank ``r``. ``A`` starts random
+(Kaiming-uniform, as in the paper's reference code and in LLMs-from-scratch), ``B`` starts
+at zero so training starts from the pretrained model exactly; ``alpha / r`` scales the
+update so that changing ``r`` needs little retuning of the learning rate (section 4.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .model import GPTModel
+
+# Friendly target names -> module path inside each transformer block.
+TARGET_MODULES = {
+    "query": "att.W_query",
+    "key": "att.W_key",
+    "value": "att.W_value",
+    "attn_out": "att.out_proj",
+    "mlp_fc": "ff.layers.0",
+    "mlp_proj": "ff.layers.2",
+}
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update ``(alpha / rank) * dropout(x) @ A @ B``.
+
+    Args:
+        in_dim, out_dim: shape of the adapted Linear.
+        rank: ``r`` of Hu et al. (2021), the rank of the update; trainable parameters
+            grow as ``r * (in_dim + out_dim)``.
+        alpha: ``alpha`` of Hu et al. (2021); the update is scaled by ``alpha / r``.
+        dropout: dropout on the LoRA branch's input (0 disables it).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank, self.alpha = rank, alpha
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in `nn.Linear` layout, (out_dim, in_dim)."""
+        return (self.scaling * (self.A @ self.B)).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, "
+                f"alpha={self.alpha:g}")
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen `nn.Linear` plus a `LoRALayer`. `merge()` folds the update into the
+    Linear's weight for inference; `unmerge()` takes it out again."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout)
+        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
+        return self.linear(x) + self.lora(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.linear.weight += self.lora.delta_weight().to(self.linear.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.linear.weight -= self.lora.delta_weight().to(self.linear.weight.dtype)
+            self.merged = False
+
+
+def replace_linear_with_lora(model: GPTModel, rank: int, alpha: float,
+                             targets: list[str] | tuple[str, ...] = tuple(TARGET_MODULES),
+                             dropout: float = 0.0) -> GPTModel:
+    """Wrap the chosen Linears of every transformer block in `LinearWithLoRA`, in place.
+    The default targets are all six (Q, K, V, attention output, both MLP layers); the
+    output head is never adapted."""
+    unknown = [t for t in targets if t not in TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; choose from "
+                         f"{list(TARGET_MODULES)}")
+    for block in model.trf_blocks:
+        for target in targets:
+            parent_path, _, child = TARGET_MODULES[target].rpartition(".")
+            parent = block.get_submodule(parent_path)
+            linear = parent.get_submodule(child)
+            if isinstance(linear, LinearWithLoRA):
+                raise ValueError(f"{TARGET_MODULES[target]} already carries LoRA")
+            parent.register_module(child, LinearWithLoRA(linear, rank, alpha, dropout))
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[LinearWithLoRA]:
+    return [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its Linear (inference is then as fast as the base)."""
+    for layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for layer in lora_layers(model):
+        layer.unmerge()
+    return model

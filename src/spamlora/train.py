@@ -1,0 +1,107 @@
+"""Fine-tune the LoRA classifier.
+
+Recipe (defaults in params.yaml): AdamW over the trainable parameters only (LoRA A, B
+and the head), as in the LoRA appendix of LLMs-from-scratch; cross-entropy on the logits
+of each message's last real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import batching
+from .classifier import autocast, predict_logits
+from .config import TrainParams
+from .model import GPTModel
+
+# Validation is inference: larger batches cost nothing in accuracy.
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    examples_seen: int
+
+
+@dataclass
+class History:
+    epochs: list[EpochRecord] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    logits_t = torch.from_numpy(logits)
+    labels_t = torch.tensor(np.array(labels, dtype=np.int64))
+    loss = F.cross_entropy(logits_t, labels_t).item()
+    return loss, float((logits.argmax(1) == labels).mean())
+
+
+def train_classifier(
+    model: GPTModel,
+    train_ids: list[list[int]],
+    train_labels: np.ndarray,
+    val_ids: list[list[int]],
+    val_labels: np.ndarray,
+    params: TrainParams,
+    pad_id: int,
+    max_length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_step: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> History:
+    """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress."""
+    torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
+    generator = torch.Generator().manual_seed(params.seed)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
+    lengths = [len(t) for t in train_ids]
+    pad_to = max_length if params.padding == "max_length" else None
+    history, step, seen = History(), 0, 0
+    for epoch in range(1, params.epochs + 1):
+        model.train()
+        order = batching.training_order(lengths, params.batch_size, generator,
+                                        params.group_by_length)
+        loss_sum = correct = count = 0
+        bar = tqdm(batching.batches(train_ids, order, pad_id, pad_to), total=len(order),
+                   desc=f"epoch {epoch}/{params.epochs}", disable=None)
+        for batch in bar:
+            b = batch.to(device)
+            labels = labels_all[batch.index].to(device)
+            with autocast(device, dtype):
+                logits = model(b.ids, b.lengths)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += len(batch.index)
+            n = len(batch.index)
+            loss_value = loss.item()
+            loss_sum += loss_value * n
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += n
+            history.step_losses.append(loss_value)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+            if on_step:
+                on_step(step, loss_value)
+        val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype)
+        val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
+        record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
+        history.epochs.append(record)
+        if on_epoch:
+            on_epoch(record)
+    return history

@@ -1,0 +1,104 @@
+"""The LoRA classifier: the seed's parameter figures, the adapter file, inference."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from spamlora.classifier import (
+    AdapterError,
+    AdapterSpec,
+    add_lora,
+    build_classifier,
+    count_parameters,
+    format_summary,
+    load_classifier,
+    parameter_counts,
+    predict_logits,
+    read_adapter,
+    save_adapter,
+)
+from spamlora.lora import LinearWithLoRA
+from spamlora.model import GPTConfig, GPTModel
+from spamlora.weights import load_gpt2
+
+GPT2 = GPTConfig.preset("gpt2")
+
+
+def test_seed_figures_on_a_random_124m_model():
+    spec = AdapterSpec("gpt2", GPT2, rank=8, alpha=8)
+    lm = add_lora(GPTModel(GPT2), spec, seed=123)
+    assert count_parameters(lm) == (1_327_104, 164_364_288)  # before the head swap
+    model = build_classifier(GPTModel(GPT2), spec, seed=123)
+    assert count_parameters(model) == (1_328_642, 125_768_450)
+    counts = parameter_counts(model)
+    assert (counts.lm_trainable, counts.lm_total) == (1_327_104, 164_364_288)
+    text = format_summary(model, counts)
+    assert "1,327,104" in text and "164,364,288" in text and "0.81%" in text
+    assert "1,328,642" in text and "125,768,450" in text and "1.06%" in text
+    first_block = text.split("(0): TransformerBlock(")[1].split("(1-11)")[0]
+    assert first_block.count("LinearWithLoRA(") == 6
+    assert "(out_head): Linear(in_features=768, out_features=2, bias=True)" in text
+
+
+def tiny_spec(base, **kw):
+    return AdapterSpec("tiny", base.cfg, rank=4, alpha=8, max_length=32, pad_id=0, **kw)
+
+
+@pytest.fixture
+def trained_like(tiny_gpt2):
+    """A classifier whose LoRA B and head hold non-zero values, as after training."""
+    base = load_gpt2(tiny_gpt2)
+    model = build_classifier(base, tiny_spec(base), seed=5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_(std=0.2)
+    return model
+
+
+def test_adapter_round_trip_gives_identical_predictions(tiny_gpt2, trained_like, tmp_path):
+    spec = tiny_spec(trained_like)
+    save_adapter(trained_like, spec, tmp_path / "a.safetensors")
+    tensors = load_file(tmp_path / "a.safetensors")
+    assert set(tensors) == {n for n, p in trained_like.named_parameters() if p.requires_grad}
+    loaded, loaded_spec = load_classifier(load_gpt2(tiny_gpt2), tmp_path / "a.safetensors")
+    assert loaded_spec == spec
+    ids = [[5, 6, 7, 8], [9, 10], list(range(20, 40))]
+    want = predict_logits(trained_like, ids, 0, 2, torch.device("cpu"))
+    got = predict_logits(loaded, ids, 0, 2, torch.device("cpu"))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_batching_and_padding_do_not_change_predictions(trained_like):
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 300, size=n).tolist() for n in rng.integers(1, 60, size=40)]
+    one_by_one = predict_logits(trained_like, ids, 0, 1, torch.device("cpu"))
+    for batch_size in (3, 16, 64):
+        np.testing.assert_allclose(
+            predict_logits(trained_like, ids, 0, batch_size, torch.device("cpu")),
+            one_by_one, atol=1e-5, rtol=0)
+
+
+def test_adapter_errors(tiny_gpt2, trained_like, tmp_path):
+    with pytest.raises(AdapterError, match="adapter not found"):
+        read_adapter(tmp_path / "missing.safetensors")
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, tiny_spec(trained_like), path)
+    other = GPTModel(GPTConfig(vocab_size=300, context_length=256, emb_dim=64, n_layers=2,
+                               n_heads=2))
+    with pytest.raises(AdapterError, match="made for a base model with config"):
+        load_classifier(other, path)
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="unreadable adapter file"):
+        read_adapter(tmp_path / "cut.safetensors")
+    save_file({"x": torch.ones(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(AdapterError, match="not a spamlora adapter"):
+        read_adapter(tmp_path / "plain.safetensors")
+    tensors = load_file(path)
+    tensors["out_head.weight"] = torch.ones(3, trained_like.cfg.emb_dim)
+    save_file(tensors, tmp_path / "shape.safetensors",
+              metadata=tiny_spec(trained_like).to_metadata())
+    with pytest.raises(AdapterError, match=r"'out_head\.weight' has shape \(3, 32\)"):
+        load_classifier(load_gpt2(tiny_gpt2), tmp_path / "shape.safetensors")

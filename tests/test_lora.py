@@ -1,0 +1,109 @@
+"""LoRA layers: initial identity, merge, gradients, scaling, targets."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from spamlora.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    lora_layers,
+    merge,
+    replace_linear_with_lora,
+    unmerge,
+)
+from spamlora.model import GPTConfig, GPTModel
+
+TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
+
+
+def test_b_starts_at_zero_so_output_equals_the_frozen_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 7)
+    wrapped = LinearWithLoRA(linear, rank=4, alpha=8)
+    x = torch.randn(3, 5, 12)
+    assert torch.equal(wrapped(x), linear(x))
+    assert torch.count_nonzero(wrapped.lora.A) > 0
+    bound = 1 / math.sqrt(4)  # kaiming_uniform(a=sqrt(5)) on a (12 x 4) tensor: fan_in 4
+    assert wrapped.lora.A.abs().max() <= bound
+
+
+def test_alpha_over_rank_scaling():
+    torch.manual_seed(0)
+    layer = LoRALayer(6, 5, rank=2, alpha=6)
+    nn.init.normal_(layer.B)
+    x = torch.randn(4, 6)
+    assert layer.scaling == 3.0
+    torch.testing.assert_close(layer(x), 3.0 * (x @ layer.A @ layer.B))
+    doubled = LoRALayer(6, 5, rank=2, alpha=12)
+    doubled.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(doubled(x), 2 * layer(x))
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_the_base():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 32)
+    original = linear.weight.detach().clone()
+    wrapped = LinearWithLoRA(linear, rank=4, alpha=4)
+    nn.init.normal_(wrapped.lora.B)
+    x = torch.randn(8, 16)
+    unmerged = wrapped(x)
+    wrapped.merge()
+    wrapped.merge()  # idempotent
+    torch.testing.assert_close(wrapped(x), unmerged, atol=1e-6, rtol=0)
+    wrapped.unmerge()
+    torch.testing.assert_close(linear.weight, original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(wrapped(x), unmerged, atol=1e-6, rtol=0)
+
+
+def test_whole_model_merge_matches_and_gradients_reach_only_lora_and_head():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replace_linear_with_lora(model, rank=2, alpha=2)
+    model.out_head = nn.Linear(16, 2)
+    for layer in lora_layers(model):
+        nn.init.normal_(layer.lora.B, std=0.1)
+    ids = torch.randint(0, 64, (3, 10))
+    lengths = torch.tensor([10, 4, 7])
+    model(ids, lengths).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters()
+                         if n.endswith((".A", ".B")) or n.startswith("out_head.")}
+    assert len([n for n in with_grad if n.endswith(".A")]) == 2 * 6
+    with torch.no_grad():
+        before = model(ids, lengths)
+        merge(model)
+        torch.testing.assert_close(model(ids, lengths), before, atol=1e-6, rtol=0)
+        unmerge(model)
+        torch.testing.assert_close(model(ids, lengths), before, atol=1e-6, rtol=0)
+
+
+def test_targets_select_layers_and_the_output_head_is_never_adapted():
+    model = replace_linear_with_lora(GPTModel(TINY), rank=2, alpha=2,
+                                     targets=["query", "mlp_proj"])
+    block = model.trf_blocks[0]
+    assert isinstance(block.att.W_query, LinearWithLoRA)
+    assert isinstance(block.ff.layers[2], LinearWithLoRA)
+    assert isinstance(block.att.W_key, nn.Linear)
+    assert isinstance(block.ff.layers[0], nn.Linear)
+    assert isinstance(model.out_head, nn.Linear)
+    assert len(lora_layers(model)) == 2 * TINY.n_layers
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        replace_linear_with_lora(model, rank=2, alpha=2, targets=["query"])
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        replace_linear_with_lora(GPTModel(TINY), rank=2, alpha=2, targets=["c_attn"])
+
+
+def test_dropout_applies_only_to_the_lora_branch_in_training():
+    torch.manual_seed(0)
+    wrapped = LinearWithLoRA(nn.Linear(8, 8), rank=2, alpha=2, dropout=0.5)
+    nn.init.normal_(wrapped.lora.B)
+    x = torch.randn(4, 8)
+    wrapped.train()
+    assert not torch.equal(wrapped(x), wrapped(x))
+    wrapped.eval()
+    assert torch.equal(wrapped(x), wrapped(x))
