@@ -8,7 +8,7 @@ public base model: base config, LoRA settings, number of classes, max length.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,12 @@ from .errors import SpamloraError
 from .fileio import atomic_path
 from .lora import TARGET_MODULES, merge, replace_linear_with_lora
 from .model import GPTConfig, GPTModel
+from .weights import load_gpt2
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
+# One metadata key only: safetensors writes several in random (hash map) order, which
+# would make two identical trainings' adapter files differ byte for byte.
+METADATA_KEY = "spamlora"
 
 
 class AdapterError(SpamloraError, ValueError):
@@ -42,21 +46,25 @@ class AdapterSpec:
     num_classes: int = 2
     max_length: int = 1024
     pad_id: int = 50256
-    extra: dict = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
         d["base_config"] = asdict(self.base_config)
         d["targets"] = list(self.targets)
-        return {"format": ADAPTER_FORMAT, "spec": json.dumps(d, sort_keys=True)}
+        return {METADATA_KEY: json.dumps({"format": ADAPTER_FORMAT, "spec": d},
+                                         sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str] | None, source: str) -> AdapterSpec:
-        if not meta or meta.get("format") != ADAPTER_FORMAT:
-            raise AdapterError(f"{source}: not a spamlora adapter (format "
-                               f"{(meta or {}).get('format')!r}, expected {ADAPTER_FORMAT!r})")
         try:
-            d = json.loads(meta["spec"])
+            stored = json.loads((meta or {})[METADATA_KEY])
+        except (KeyError, ValueError):
+            stored = {}
+        if not isinstance(stored, dict) or stored.get("format") != ADAPTER_FORMAT:
+            raise AdapterError(f"{source}: not a spamlora adapter (no {ADAPTER_FORMAT!r} "
+                               f"metadata)")
+        try:
+            d = dict(stored["spec"])
             d["base_config"] = GPTConfig(**d["base_config"])
             d["targets"] = tuple(d["targets"])
             return cls(**d)
@@ -123,10 +131,12 @@ def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]
     return spec, tensors
 
 
-def load_classifier(base: GPTModel, adapter: str | Path) -> tuple[GPTModel, AdapterSpec]:
-    """The trained classifier: `base` (modified in place) with the adapter applied."""
+def load_classifier(weights: str | Path, adapter: str | Path) -> tuple[GPTModel,
+                                                                        AdapterSpec]:
+    """The trained classifier: the base GPT-2 folder `weights` with the adapter applied.
+    The (small) adapter is read first, so a bad one fails before the base loads."""
     spec, tensors = read_adapter(adapter)
-    model = build_classifier(base, spec, seed=0)
+    model = build_classifier(load_gpt2(weights), spec, seed=0)
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) -
                                                                         set(expected))

@@ -1,0 +1,118 @@
+"""MLflow bookkeeping for the pipeline's entry points (train, evaluate, plot).
+
+One pipeline run is one MLflow run: `train` creates it and writes its id next to the
+adapter; `evaluate` and `plot` reopen it. The store is the project's own SQLite file at
+the repository root, `DVC_ROOT` when DVC runs the stage (DVC sets it to the main
+workspace even for `--temp` and `--queue` experiments, whose own folders vanish), with
+artifacts under `<root>/mlartifacts`. `MLFLOW_TRACKING_URI` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import SpamloraError
+from .fileio import read_json, write_json
+
+EXPERIMENT = "spamlora"
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    root = root or repo_root()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / STORE_FILE}"
+
+
+def _git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _store_lock(root: Path) -> Iterator[None]:
+    """Serialise store set-up: parallel queue workers otherwise race to create the
+    SQLite tables (an alembic migration error) and the experiment."""
+    with open(root / f"{STORE_FILE}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _experiment_id(client, root: Path, default_store: bool) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A temp experiment's workspace is deleted after the run: artifacts must live at the
+    # repository root, not in the default ./mlruns of the stage's working directory.
+    location = (root / ARTIFACT_DIR).as_uri() if default_store else None
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def create_pipeline_run(params: dict[str, object], model_name: str) -> str:
+    """Create the MLflow run of this pipeline run with every parameter and its tags;
+    called first, so an unusable store fails the stage before any compute."""
+    import mlflow
+
+    root = repo_root()
+    # Read before set_tracking_uri, which also exports MLFLOW_TRACKING_URI.
+    default_store = "MLFLOW_TRACKING_URI" not in os.environ
+    mlflow.set_tracking_uri(tracking_uri(root))
+    with _store_lock(root):
+        client = mlflow.MlflowClient()
+        experiment_id = _experiment_id(client, root, default_store)
+    tags = {"model.name": model_name}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    commit = _git_commit(Path.cwd())
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, tags=tags,
+                            run_name=os.environ.get("DVC_EXP_NAME") or None)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
+                                              for k, v in params.items()])
+    return run.info.run_id
+
+
+def record_run(run_file: Path, run_id: str) -> None:
+    """Leave the run's id for the later stages (evaluate, plot) to add to it."""
+    write_json(run_file, {"run_id": run_id})
+
+
+def recorded_run(run_file: Path) -> str:
+    try:
+        return str(read_json(run_file)["run_id"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        raise SpamloraError(f"{run_file}: no MLflow run recorded (run the train stage "
+                           f"first)") from None
+
+
+@contextlib.contextmanager
+def active_run(run_id: str) -> Iterator[object]:
+    """The run, active for `mlflow.log_*`; ended as FAILED if the block raises."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise SpamloraError(f"MLflow run {run_id} is not in the store {tracking_uri()} "
+                           f"(was the store moved or deleted?)") from None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

@@ -1,0 +1,85 @@
+"""Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run."""
+
+import time
+
+import mlflow
+import pandas as pd
+
+from spamlora import stage, tracking
+from spamlora.batching import encode
+from spamlora.classifier import (
+    AdapterSpec,
+    build_classifier,
+    format_summary,
+    parameter_counts,
+    resolve_device,
+    resolve_precision,
+    save_adapter,
+)
+from spamlora.config import Params
+from spamlora.data import read_labelled_csv, write_csv
+from spamlora.fileio import write_json
+from spamlora.paths import Paths
+from spamlora.tokenizer import Tokenizer
+from spamlora.train import train_classifier
+from spamlora.weights import load_gpt2
+
+
+def main(params: Params) -> None:
+    paths, tp = Paths(), params.train
+    run_id = tracking.create_pipeline_run(params.flat(), params.model.name)
+    with tracking.active_run(run_id):
+        device = resolve_device(tp.device)
+        dtype = resolve_precision(tp.precision, device)
+        tokenizer = Tokenizer(paths.base_model)
+        base = load_gpt2(paths.base_model)
+        train_df = read_labelled_csv(paths.split("train"))
+        val_df = read_labelled_csv(paths.split("validation"))
+        longest = max(len(t) for t in tokenizer.encode_batch(train_df["text"].tolist()))
+        max_length = min(tp.max_length or longest, base.cfg.context_length)
+        train_ids, cut = encode(tokenizer, train_df["text"].tolist(), max_length)
+        val_ids, val_cut = encode(tokenizer, val_df["text"].tolist(), max_length)
+        if cut or val_cut:
+            print(f"warning: {len(cut)} training and {len(val_cut)} validation messages "
+                  f"truncated to {max_length} tokens")
+
+        lora = params.lora
+        spec = AdapterSpec(params.model.name, base.cfg, lora.rank, lora.alpha, lora.dropout,
+                           tuple(lora.targets), num_classes=2, max_length=max_length,
+                           pad_id=tokenizer.pad_id)
+        model = build_classifier(base, spec, seed=tp.seed)
+        counts = parameter_counts(model)
+        summary = format_summary(model, counts)
+        print(summary)
+        mlflow.log_text(summary, "model_summary.txt")
+        mlflow.log_params({"resolved.max_length": max_length, "resolved.device": str(device),
+                           "resolved.precision": str(dtype).removeprefix("torch."),
+                           **{f"parameters.{k}": v for k, v in counts.as_dict().items()}})
+
+        def on_epoch(record):
+            mlflow.log_metrics({k: v for k, v in vars(record).items() if k != "epoch"},
+                               step=record.epoch)
+
+        start = time.perf_counter()
+        history = train_classifier(
+            model, train_ids, train_df["label"].to_numpy(), val_ids,
+            val_df["label"].to_numpy(), tp, tokenizer.pad_id, max_length, device, dtype,
+            on_step=lambda step, loss: mlflow.log_metric("step_loss", loss, step=step,
+                                                        synchronous=False),
+            on_epoch=on_epoch)
+        mlflow.log_metric("train_seconds", time.perf_counter() - start)
+
+        save_adapter(model, spec, paths.adapter)
+        mlflow.log_artifact(str(paths.adapter), "adapter")
+        epochs = pd.DataFrame([vars(r) for r in history.epochs])
+        write_csv(epochs, paths.plot_data("history"))
+        last = history.epochs[-1]
+        write_json(paths.metrics("train"), {
+            "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
+            "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
+            "examples_seen": last.examples_seen, "parameters": counts.as_dict()})
+        tracking.record_run(paths.mlflow_run, run_id)
+
+
+if __name__ == "__main__":
+    stage.run(main)

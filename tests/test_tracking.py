@@ -1,0 +1,105 @@
+"""The train, evaluate and plot stages log one MLflow run, checked with MLflow's client."""
+
+import dataclasses
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+
+from spamlora.config import load_params
+from spamlora.data import write_csv
+from spamlora.paths import Paths
+from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE
+
+from .conftest import REPO, sms_lines
+
+
+def stage_main(name):
+    return runpy.run_path(str(REPO / "stages" / f"{name}.py"), run_name="stage")["main"]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_gpt2, monkeypatch):
+    """A folder laid out as after download_model and split, as the cwd and DVC_ROOT."""
+    paths = Paths(tmp_path)
+    shutil.copytree(tiny_gpt2, paths.base_model)
+    rows = [line.split("\t") for line in sms_lines(40, 40).splitlines()]
+    df = pd.DataFrame({"id": range(1, 81), "text": [t for _, t in rows],
+                       "label": [int(label == "spam") for label, _ in rows]})
+    df = df.sample(frac=1, random_state=0)
+    for name, part in (("train", df[:50]), ("validation", df[50:65]), ("test", df[65:])):
+        write_csv(part, paths.split(name))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "brave-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def test_one_run_holds_params_metrics_artifacts_and_tags(workspace):
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=2, precision="fp32"),
+        lora=dataclasses.replace(params.lora, rank=4))
+    for stage in ("train", "evaluate", "plot"):
+        stage_main(stage)(params)
+
+    assert (workspace / STORE_FILE).is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / STORE_FILE}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (workspace / ARTIFACT_DIR).as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "brave-test"
+    assert run.data.params["lora.rank"] == "4"
+    assert run.data.params["train.epochs"] == "2"
+    assert set(params.flat()) <= set(run.data.params)
+    assert int(run.data.params["parameters.trainable"]) > 0
+    assert run.data.tags["dvc.exp_name"] == "brave-test"
+    assert run.data.tags["model.name"] == "gpt2"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    steps = client.get_metric_history(run.info.run_id, "step_loss")
+    assert [m.step for m in steps] == list(range(1, 2 * 7 + 1))  # ceil(50 / 8) = 7 a epoch
+    assert 0 <= run.data.metrics["test.accuracy"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "model_summary.txt", "eval.json", "test_predictions.csv",
+            "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/history.png", "figures/confusion.png", "figures/roc.png"}
+    assert (workspace / ARTIFACT_DIR).is_dir()
+    summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
+    assert "LinearWithLoRA" in summary
+
+
+def test_user_tracking_uri_overrides_the_default(workspace, monkeypatch, tmp_path_factory):
+    other = tmp_path_factory.mktemp("elsewhere") / "runs.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"))
+    stage_main("train")(params)
+    assert other.is_file() and not (workspace / STORE_FILE).exists()
+
+
+def test_parallel_workers_creating_a_fresh_store_all_land(tmp_path):
+    # Queue workers start together; without the lock they race to create the tables.
+    code = ("from spamlora.tracking import create_pipeline_run; "
+            "create_pipeline_run({'k': 1}, 'gpt2')")
+    env = {**os.environ, "DVC_ROOT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / STORE_FILE}")
+    client = mlflow.MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == EXPERIMENT]
+    assert len(client.search_runs([experiment.experiment_id])) == 3
