@@ -3,6 +3,7 @@ and tiny GPT-2 folders written by `transformers.save_pretrained`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -119,8 +120,8 @@ class LocalServer:
         return self.base_url + prefix
 
 
-@pytest.fixture
-def http_server() -> Iterator[LocalServer]:
+@contextlib.contextmanager
+def local_server() -> Iterator[LocalServer]:
     server_ref: dict[str, LocalServer] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -156,6 +157,12 @@ def http_server() -> Iterator[LocalServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    with local_server() as server:
+        yield server
 
 
 def sms_lines(n_ham: int = 30, n_spam: int = 20) -> str:

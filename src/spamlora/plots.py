@@ -1,0 +1,70 @@
+"""The pipeline's figures, drawn with matplotlib's file-only backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed: figures only go to files
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .fileio import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, with examples seen on a second
+    x axis (as in the book's `plot_values`)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+        ax.plot(history["epoch"], history[f"train_{metric}"], "o-", label=f"Training {label}")
+        ax.plot(history["epoch"], history[f"val_{metric}"], "s--",
+                label=f"Validation {label}")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.set_xticks(history["epoch"])
+        ax.legend()
+        top = ax.twiny()
+        top.set_xlim(ax.get_xlim())
+        top.set_xticks(history["epoch"])
+        top.set_xticklabels([f"{int(n):,}" for n in history["examples_seen"]])
+        top.set_xlabel("Examples seen")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(counts: dict[str, int], path: Path) -> None:
+    matrix = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(matrix, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            value = matrix[i][j]
+            ax.text(j, i, str(value), ha="center", va="center",
+                    color="white" if value > max(map(max, matrix)) / 2 else "black")
+    ax.set_xticks([0, 1], ["ham", "spam"])
+    ax.set_yticks([0, 1], ["ham", "spam"])
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Actual")
+    ax.set_title("Test confusion matrix")
+    fig.colorbar(image, ax=ax)
+    _save(fig, path)
+
+
+def plot_roc(roc: pd.DataFrame, auc: float | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(roc["fpr"], roc["tpr"],
+            label="ROC" if auc is None else f"ROC (AUC = {auc:.4f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="Chance")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate (spam recall)")
+    ax.set_title("Test ROC curve")
+    ax.legend(loc="lower right")
+    _save(fig, path)

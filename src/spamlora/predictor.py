@@ -1,0 +1,47 @@
+"""A trained classifier ready for inference: base weights + adapter, LoRA merged.
+
+Used by the evaluate stage and by `spamlora predict`, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .batching import encode
+from .classifier import (
+    AdapterError,
+    load_classifier,
+    merged_for_inference,
+    predict_logits,
+    resolve_device,
+    resolve_precision,
+)
+from .evaluate import softmax
+from .tokenizer import Tokenizer
+
+
+class Predictor:
+    def __init__(self, weights: str | Path, adapter: str | Path, device: str = "auto",
+                 precision: str = "auto", batch_size: int = 64):
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+        model, self.spec = load_classifier(weights, adapter)
+        self.model = merged_for_inference(model.to(self.device))
+        self.tokenizer = Tokenizer(weights)
+        if self.tokenizer.pad_id != self.spec.pad_id:
+            raise AdapterError(f"{adapter}: trained with padding id {self.spec.pad_id}, but "
+                               f"the tokenizer in {weights} has {self.tokenizer.pad_id}")
+
+    def logits(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Class logits in input order, and the positions of messages truncated to the
+        adapter's max length."""
+        ids, truncated = encode(self.tokenizer, texts, self.spec.max_length)
+        return predict_logits(self.model, ids, self.spec.pad_id, self.batch_size,
+                              self.device, self.dtype), truncated
+
+    def spam_probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        logits, truncated = self.logits(texts)
+        return softmax(logits.astype(np.float64))[:, 1], truncated

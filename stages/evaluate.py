@@ -1,0 +1,50 @@
+"""Stage evaluate: score every split with the trained adapter (LoRA merged)."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from spamlora import stage, tracking
+from spamlora.config import Params
+from spamlora.data import read_labelled_csv, write_csv
+from spamlora.evaluate import classification_metrics, precision_recall_curve, roc_curve, softmax
+from spamlora.fileio import write_json
+from spamlora.paths import SPLITS, Paths
+from spamlora.predictor import Predictor
+
+LABEL_NAMES = np.array(["ham", "spam"])
+
+
+def main(params: Params) -> None:
+    paths = Paths()
+    with tracking.active_run(tracking.recorded_run(paths.mlflow_run)):
+        predictor = Predictor(paths.base_model, paths.adapter, params.train.device,
+                              params.evaluate.precision, params.evaluate.batch_size)
+        results = {}
+        for name in SPLITS:
+            df = read_labelled_csv(paths.split(name))
+            logits, _ = predictor.logits(df["text"].tolist())
+            labels = df["label"].to_numpy()
+            results[name] = classification_metrics(labels, logits)
+            mlflow.log_metrics({f"{name}.{k}": v for k, v in results[name].items()
+                                if isinstance(v, float)})
+        spam_prob = softmax(logits)[:, 1]  # the test split: last of SPLITS
+        predicted = (spam_prob >= 0.5).astype(int)
+        write_csv(pd.DataFrame({"id": df["id"], "label": labels, "predicted": predicted,
+                                "spam_probability": spam_prob}), paths.test_predictions)
+        write_csv(pd.DataFrame({"actual": LABEL_NAMES[labels],
+                                "predicted": LABEL_NAMES[predicted]}),
+                  paths.plot_data("confusion"))
+        write_csv(roc_curve(labels, spam_prob), paths.plot_data("roc"))
+        write_csv(precision_recall_curve(labels, spam_prob),
+                  paths.plot_data("precision_recall"))
+        write_json(paths.metrics("eval"), results)
+        mlflow.log_artifact(str(paths.metrics("eval")))
+        mlflow.log_artifact(str(paths.test_predictions))
+        test = results["test"]
+        print(f"test accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f}, "
+              f"ROC AUC {test['roc_auc']}")
+
+
+if __name__ == "__main__":
+    stage.run(main)

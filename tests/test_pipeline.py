@@ -1,0 +1,150 @@
+"""End to end: the real `dvc repro`, `dvc exp run -S lora.rank=4` and a two-worker queue,
+fed by a loopback HTTP server with the real SMS zip (or a stand-in) and a tiny random
+GPT-2 written by transformers."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+
+import mlflow
+import pandas as pd
+import pytest
+
+from spamlora.paths import SPLITS, Paths
+from spamlora.tracking import EXPERIMENT
+
+from .conftest import SMS_ZIP, local_server, make_hf_gpt2, sms_lines
+from .workspace import dvc, env, make_workspace
+
+pytestmark = pytest.mark.e2e
+
+
+def dataset_zip() -> bytes:
+    if SMS_ZIP.is_file():
+        return SMS_ZIP.read_bytes()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("SMSSpamCollection", sms_lines(200, 80))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A workspace after `dvc repro`, with the output of that command."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    with local_server() as server:
+        body = dataset_zip()
+        data_url = server.serve("/uci/sms+spam+collection.zip", body)
+        model = make_hf_gpt2(tmp / "gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=256)
+        server.serve_dir("/hub/gpt2", model)
+        ws = make_workspace(tmp / "ws", {
+            "data.url": data_url, "data.sha256": hashlib.sha256(body).hexdigest(),
+            "model.url": server.base_url + "/hub/{name}", "train.precision": "fp32"})
+        out = dvc(ws, "repro")
+        yield ws, out, server
+
+
+def mlflow_runs(ws):
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_repro_writes_every_output(pipeline):
+    ws, out, server = pipeline
+    for stage in ("download_data", "balance", "split", "download_model", "train",
+                  "evaluate", "plot"):
+        assert f"Running stage '{stage}'" in out
+    paths = Paths(ws)
+    record = json.loads((paths.base_model / "download.json").read_text())
+    assert set(record) == {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
+    assert paths.adapter.stat().st_size > 0
+    evaluation = json.loads(paths.metrics("eval").read_text())
+    for split in SPLITS:
+        m = evaluation[split]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["roc_auc"] <= 1
+        assert sum(m["confusion"].values()) == m["examples"]
+    predictions = pd.read_csv(paths.test_predictions)
+    assert list(predictions.columns) == ["id", "label", "predicted", "spam_probability"]
+    assert len(predictions) == evaluation["test"]["examples"]
+    history = pd.read_csv(paths.plot_data("history"))
+    assert history["epoch"].tolist() == [1, 2]
+    for name in ("confusion", "roc", "precision_recall"):
+        assert len(pd.read_csv(paths.plot_data(name))) > 1
+    for name in ("history", "confusion", "roc"):
+        assert paths.figure(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train = json.loads(paths.metrics("train").read_text())
+    assert train["parameters"]["trainable"] > 0
+
+
+def test_nothing_to_do_afterwards(pipeline):
+    ws, _, _ = pipeline
+    status = dvc(ws, "status")
+    assert "up to date" in status.lower()
+    assert "Running stage" not in dvc(ws, "repro")
+    assert "metrics/eval.json" in dvc(ws, "metrics", "show")
+    dvc(ws, "plots", "show", "--out", str(ws / ".plots"))
+    assert (ws / ".plots" / "index.html").is_file()
+
+
+def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
+    ws, _, _ = pipeline
+    subprocess.run(["git", "add", "-A"], cwd=ws, env=env(ws), check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=ws, env=env(ws), check=True)
+    out = dvc(ws, "exp", "run", "-S", "lora.rank=4")
+    ran = {stage for stage in ("download_data", "balance", "split", "download_model",
+                               "train", "evaluate", "plot")
+           if f"Running stage '{stage}'" in out}
+    assert ran == {"train", "evaluate", "plot"}
+
+    shown = json.loads(dvc(ws, "exp", "show", "--json"))
+    ranks = {}
+    for entry in shown:
+        revs = [entry] + [r for e in entry.get("experiments") or [] for r in e["revs"]]
+        for rev in revs:
+            data = rev.get("data") or {}
+            rank = data["params"]["params.yaml"]["data"]["lora"]["rank"]
+            test = data["metrics"]["metrics/eval.json"]["data"]["test"]
+            ranks.setdefault(rank, test["accuracy"])
+    assert set(ranks) == {8, 4} and all(0 <= a <= 1 for a in ranks.values())
+
+    client, runs = mlflow_runs(ws)
+    assert sorted(r.data.params["lora.rank"] for r in runs) == ["4", "8"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == [1, 2]
+        figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert figures == {"figures/history.png", "figures/confusion.png",
+                           "figures/roc.png"}
+    exp_run = next(r for r in runs if r.data.params["lora.rank"] == "4")
+    assert exp_run.data.tags.get("dvc.exp_name")
+
+
+def test_two_queued_experiments_on_two_workers_both_land(pipeline):
+    ws, _, _ = pipeline
+    dvc(ws, "exp", "run", "--queue", "-S", "lora.rank=2")
+    dvc(ws, "exp", "run", "--queue", "-S", "lora.rank=16")
+    # One thread per worker: two 2-thread trainings on 2 cores thrash ~10x slower.
+    worker_env = {**env(ws), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=ws,
+                   env=worker_env, check=True, capture_output=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = dvc(ws, "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    _, runs = mlflow_runs(ws)
+    ranks = sorted(int(r.data.params["lora.rank"]) for r in runs)
+    assert ranks == [2, 4, 8, 16]
+    assert all(r.info.status == "FINISHED" and "test.accuracy" in r.data.metrics
+               for r in runs)
+    assert os.path.isdir(ws / "mlartifacts")
