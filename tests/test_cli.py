@@ -1,0 +1,178 @@
+"""`spamlora summary` and `spamlora predict`."""
+
+import csv
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spamlora.classifier import AdapterSpec, build_classifier, read_adapter, save_adapter
+from spamlora.cli import main
+from spamlora.config import load_params
+from spamlora.lora import LinearWithLoRA
+from spamlora.paths import Paths
+from spamlora.weights import load_gpt2
+
+from .conftest import REPO, make_hf_gpt2
+from .test_tracking import stage_main, workspace  # noqa: F401 (fixture)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summary_random_init_prints_the_seed_figures(capsys):
+    code, out, _ = run_cli(capsys, "summary", "--model", "gpt2", "--lora-rank", "8",
+                           "--random-init")
+    assert code == 0
+    assert "1,327,104" in out and "164,364,288" in out and "0.81%" in out
+    assert "1,328,642" in out and "125,768,450" in out and "1.06%" in out
+    assert "LinearWithLoRA" in out
+
+
+def test_summary_of_a_weights_folder(capsys, tiny_gpt2):
+    code, out, _ = run_cli(capsys, "summary", "--weights", str(tiny_gpt2), "--lora-rank",
+                           "2", "--num-classes", "3")
+    assert code == 0 and "Classifier (3-class head)" in out
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_gpt2):
+    """A classifier adapter with non-zero LoRA, as after training."""
+    folder = tmp_path_factory.mktemp("adapter")
+    base = load_gpt2(tiny_gpt2)
+    spec = AdapterSpec("gpt2", base.cfg, rank=4, alpha=4, max_length=12, pad_id=50256
+                       if base.cfg.vocab_size == 50257 else 256)
+    model = build_classifier(base, spec, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_(std=0.3)
+        model.out_head.weight.normal_(std=2.0)
+    save_adapter(model, spec, folder / "adapter.safetensors")
+    return folder / "adapter.safetensors"
+
+
+def predict(capsys, adapter, tiny_gpt2, *argv):
+    return run_cli(capsys, "predict", "--adapter", str(adapter), "--weights", str(tiny_gpt2),
+                   "--precision", "fp32", *argv)
+
+
+MESSAGES = ["WINNER!! claim your free prize now", "ok see you at 5",
+            "Congratulations, you have been selected for a cash reward of 1000 pounds"]
+
+
+def test_formats_agree_and_keep_input_order(capsys, adapter, tiny_gpt2, tmp_path):
+    code, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", *MESSAGES)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in rows] == MESSAGES
+    for r in rows:
+        assert r["label"] == ("spam" if r["spam_probability"] >= 0.5 else "ham")
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "csv", *MESSAGES)
+    as_csv = list(csv.DictReader(io.StringIO(out)))
+    assert [float(r["spam_probability"]) for r in as_csv] == pytest.approx(
+        [r["spam_probability"] for r in rows], abs=1e-12)
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, *MESSAGES)
+    assert out.splitlines()[0].split() == ["label", "spam_prob", "message"]
+    assert len(out.splitlines()) == 4
+    (tmp_path / "m.txt").write_text("\n".join(MESSAGES) + "\n")
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                        str(tmp_path / "m.txt"))
+    assert [json.loads(x) for x in out.splitlines()] == rows
+    pd.DataFrame({"n": [1, 2, 3], "body": MESSAGES}).to_csv(tmp_path / "m.csv", index=False)
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                        str(tmp_path / "m.csv"), "--text-column", "body")
+    assert [json.loads(x) for x in out.splitlines()] == rows
+    threshold = sorted(r["spam_probability"] for r in rows)[1]
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--threshold",
+                        str(threshold), *MESSAGES)
+    labels = [json.loads(x)["label"] for x in out.splitlines()]
+    assert labels == ["spam" if r["spam_probability"] >= threshold else "ham" for r in rows]
+
+
+def test_batching_does_not_change_probabilities(capsys, adapter, tiny_gpt2):
+    texts = [("free " * n).strip() + f" msg {n}" for n in range(1, 30)]
+    _, one, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--batch-size",
+                        "1", *texts)
+    _, many, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--batch-size",
+                         "64", *texts)
+    p1 = [json.loads(x)["spam_probability"] for x in one.splitlines()]
+    p64 = [json.loads(x)["spam_probability"] for x in many.splitlines()]
+    np.testing.assert_allclose(p64, p1, atol=1e-5, rtol=0)
+
+
+def test_stdin_and_truncation_warning(capsys, adapter, tiny_gpt2, monkeypatch):
+    long = "this message is far longer than twelve tokens, so it will be cut short " * 3
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{MESSAGES[0]}\n{long}\n"))
+    code, out, err = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "-")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "<stdin>, line 2 is longer than 12 tokens and was truncated" in err
+    assert "line 1" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["", "ok"], "empty message(s) at argument 1"),
+    (["--threshold", "1.5", "x"], "--threshold must lie in [0, 1]"),
+    ([], "no messages given"),
+    (["--file", "/nonexistent/m.txt"], "/nonexistent/m.txt: not found"),
+])
+def test_bad_input_is_a_clear_error(capsys, adapter, tiny_gpt2, argv, message):
+    code, out, err = predict(capsys, adapter, tiny_gpt2, *argv)
+    assert code == 1 and out == ""
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_adapter_and_adapter_for_another_base(capsys, adapter, tiny_gpt2, tmp_path):
+    code, _, err = run_cli(capsys, "predict", "--adapter", str(tmp_path / "none"),
+                           "--weights", str(tiny_gpt2), "x")
+    assert code == 1 and "adapter not found" in err
+    other = make_hf_gpt2(tmp_path / "other", n_embd=48, n_layer=2, n_head=2)
+    code, _, err = run_cli(capsys, "predict", "--adapter", str(adapter), "--weights",
+                           str(other), "x")
+    assert code == 1 and "made for a base model with config" in err
+    spec, tensors = read_adapter(adapter)
+    first = next(k for k in tensors if k.endswith(".lora.A"))
+    tensors[first] = torch.zeros(tensors[first].shape[0], 7)  # the spec says rank 4
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=spec.to_metadata())
+    code, _, err = run_cli(capsys, "predict", "--adapter", str(tmp_path / "bad.safetensors"),
+                           "--weights", str(tiny_gpt2), "x")
+    assert code == 1 and "has shape" in err
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path):
+    script = Path(sys.executable).parent / "spamlora"
+    proc = subprocess.run([str(script), "predict", "--adapter", str(tmp_path / "none"),
+                           "hello"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "adapter not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predictions_equal_the_evaluate_stage(workspace, capsys):  # noqa: F811
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"),
+        evaluate=dataclasses.replace(params.evaluate, precision="fp32"))
+    for stage in ("train", "evaluate"):
+        stage_main(stage)(params)
+    paths = Paths(workspace)
+    want = pd.read_csv(paths.test_predictions)
+    capsys.readouterr()  # drop what the stages printed
+    code, out, _ = run_cli(capsys, "predict", "--file", str(paths.split("test")),
+                           "--text-column", "text", "--format", "csv", "--precision", "fp32")
+    assert code == 0
+    got = pd.read_csv(io.StringIO(out), keep_default_na=False)
+    np.testing.assert_allclose(got["spam_probability"], want["spam_probability"],
+                               atol=1e-6, rtol=0)
+    assert (got["label"] == np.where(want["predicted"] == 1, "spam", "ham")).all()
