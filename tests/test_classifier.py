@@ -22,6 +22,8 @@ from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.weights import load_gpt2
 
+from .conftest import make_hf_gpt2
+
 GPT2 = GPTConfig.preset("gpt2")
 
 
@@ -63,7 +65,7 @@ def test_adapter_round_trip_gives_identical_predictions(tiny_gpt2, trained_like,
     save_adapter(trained_like, spec, tmp_path / "a.safetensors")
     tensors = load_file(tmp_path / "a.safetensors")
     assert set(tensors) == {n for n, p in trained_like.named_parameters() if p.requires_grad}
-    loaded, loaded_spec = load_classifier(load_gpt2(tiny_gpt2), tmp_path / "a.safetensors")
+    loaded, loaded_spec = load_classifier(tiny_gpt2, tmp_path / "a.safetensors")
     assert loaded_spec == spec
     ids = [[5, 6, 7, 8], [9, 10], list(range(20, 40))]
     want = predict_logits(trained_like, ids, 0, 2, torch.device("cpu"))
@@ -86,8 +88,7 @@ def test_adapter_errors(tiny_gpt2, trained_like, tmp_path):
         read_adapter(tmp_path / "missing.safetensors")
     path = tmp_path / "a.safetensors"
     save_adapter(trained_like, tiny_spec(trained_like), path)
-    other = GPTModel(GPTConfig(vocab_size=300, context_length=256, emb_dim=64, n_layers=2,
-                               n_heads=2))
+    other = make_hf_gpt2(tmp_path / "other", n_embd=64, tokenizer=False, vocab_size=300)
     with pytest.raises(AdapterError, match="made for a base model with config"):
         load_classifier(other, path)
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
@@ -101,4 +102,4 @@ def test_adapter_errors(tiny_gpt2, trained_like, tmp_path):
     save_file(tensors, tmp_path / "shape.safetensors",
               metadata=tiny_spec(trained_like).to_metadata())
     with pytest.raises(AdapterError, match=r"'out_head\.weight' has shape \(3, 32\)"):
-        load_classifier(load_gpt2(tiny_gpt2), tmp_path / "shape.safetensors")
+        load_classifier(tiny_gpt2, tmp_path / "shape.safetensors")

@@ -3,8 +3,15 @@
 import pandas as pd
 import pytest
 
-from spamlora.data import (DataError, balance, class_counts, parse_messages,
-                           read_labelled_csv, split, write_csv)
+from spamlora.data import (
+    DataError,
+    balance,
+    class_counts,
+    parse_messages,
+    read_labelled_csv,
+    split,
+    write_csv,
+)
 
 from .conftest import sms_lines
 

@@ -77,9 +77,11 @@ def _fetch_once(url: str, tmp: Path, timeout: float, desc: str) -> tuple[str, in
         if e.code >= 500 or e.code in (408, 429):
             raise _Retryable(f"HTTP {e.code} {e.reason}") from None
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except FileNotFoundError:
-        raise DownloadError(f"{url}: no such file") from None
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+    except urllib.error.URLError as e:
+        if urlparse(url).scheme == "file":  # a local file does not come back on retry
+            raise DownloadError(f"{url}: {e.reason}") from None
+        raise _Retryable(f"URLError: {e.reason}") from None
+    except (http.client.HTTPException, TimeoutError,
             ConnectionError) as e:
         raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
     if expected is not None and size != expected:
