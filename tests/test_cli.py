@@ -151,6 +151,21 @@ def test_missing_adapter_and_adapter_for_another_base(capsys, adapter, tiny_gpt2
     assert code == 1 and "has shape" in err
 
 
+def test_download_model_then_predict_with_the_adapter_alone(capsys, adapter, tiny_gpt2,
+                                                             tmp_path, http_server):
+    http_server.serve_dir("/hub/gpt2", tiny_gpt2)
+    dest = tmp_path / "gpt2"
+    code, _, err = run_cli(capsys, "predict", "--adapter", str(adapter), "--weights",
+                           str(dest), "x")
+    assert code == 1 and "spamlora download-model --name gpt2" in err
+    code, out, _ = run_cli(capsys, "download-model", str(dest), "--url",
+                           http_server.base_url + "/hub/{name}")
+    assert code == 0 and "model.safetensors" in out
+    _, here, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", *MESSAGES)
+    _, there, _ = predict(capsys, adapter, dest, "--format", "jsonl", *MESSAGES)
+    assert there == here
+
+
 def test_console_script_exits_non_zero_without_traceback(tmp_path):
     script = Path(sys.executable).parent / "spamlora"
     proc = subprocess.run([str(script), "predict", "--adapter", str(tmp_path / "none"),

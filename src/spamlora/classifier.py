@@ -22,7 +22,7 @@ from .errors import SpamloraError
 from .fileio import atomic_path
 from .lora import TARGET_MODULES, merge, replace_linear_with_lora
 from .model import GPTConfig, GPTModel
-from .weights import load_gpt2
+from .weights import CONFIG_FILE, WeightsError, load_gpt2
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
@@ -136,6 +136,10 @@ def load_classifier(weights: str | Path, adapter: str | Path) -> tuple[GPTModel,
     """The trained classifier: the base GPT-2 folder `weights` with the adapter applied.
     The (small) adapter is read first, so a bad one fails before the base loads."""
     spec, tensors = read_adapter(adapter)
+    if not (Path(weights) / CONFIG_FILE).is_file():
+        raise WeightsError(f"{weights}: no GPT-2 base model here; this adapter needs "
+                           f"{spec.base_model!r}: fetch it with `spamlora download-model "
+                           f"--name {spec.base_model} {weights}`")
     model = build_classifier(load_gpt2(weights), spec, seed=0)
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) -

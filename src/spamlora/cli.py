@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
+from .model import PRESETS
 from .paths import Paths
 
 
@@ -29,6 +31,15 @@ def _summary(args: argparse.Namespace) -> None:
                        num_classes=args.num_classes)
     model = build_classifier(base, spec, seed=123)
     print(format_summary(model, parameter_counts(model)))
+
+
+def _download_model(args: argparse.Namespace) -> None:
+    from .weights import fetch_model
+
+    base_url = ModelParams(name=args.name, url=args.url).base_url
+    record = fetch_model(base_url, args.dest, args.timeout, args.retries)
+    for name, got in record.items():
+        print(f"{args.dest}/{name}: {got['bytes']:,} bytes, sha256 {got['sha256']}")
 
 
 def _read_messages(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -122,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="random weights of the preset's shape (default; no download)")
     init.add_argument("--weights", type=Path, help="a Hugging Face GPT-2 folder")
     s.set_defaults(func=_summary)
+
+    d = sub.add_parser("download-model", help="fetch a GPT-2 base model folder (weights, "
+                                              "config, tokenizer), e.g. to use an adapter "
+                                              "on another machine")
+    d.add_argument("dest", type=Path)
+    d.add_argument("--name", default=ModelParams.name, choices=sorted(PRESETS))
+    d.add_argument("--url", default=ModelParams.url,
+                   help="base URL or local folder; {name} is replaced by --name")
+    d.add_argument("--timeout", type=float, default=DownloadParams.timeout)
+    d.add_argument("--retries", type=int, default=DownloadParams.retries)
+    d.set_defaults(func=_download_model)
 
     p = sub.add_parser("predict", help="classify messages with a trained adapter")
     p.add_argument("texts", nargs="*", help="messages; '-' reads one a line from stdin")
