@@ -7,6 +7,7 @@ public base model: base config, LoRA settings, number of classes, max length.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batching
 from .errors import SpamloraError
@@ -186,6 +188,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
                           enabled=dtype == torch.bfloat16)
 
 
+def training_attention(device: torch.device):
+    """On CPU, the plain "math" attention kernel for training: for SMS-length sequences
+    the CPU flash-attention kernel's backward took ~20% of a step, the math kernel a
+    fraction of that. Inference keeps the default, whose forward is faster
+    (benchmarks/README.md)."""
+    if device.type == "cpu":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every frozen Linear in `dtype`, in place. Under bf16 autocast a Linear's
+    weight and bias are cast to bf16 at every call anyway, so this changes no result and
+    saves that copy on every step and half the weights' memory. Trainable parameters
+    (LoRA, head) stay fp32: they are the master weights the optimizer updates."""
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not any(p.requires_grad
+                                                     for p in module.parameters()):
+            module.to(dtype)
+    return model
+
+
 @torch.inference_mode()
 def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
                    batch_size: int, device: torch.device,
@@ -196,16 +222,18 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     out = np.zeros((len(token_ids), model.out_head.out_features), dtype=np.float32)
     order = batching.inference_order([len(t) for t in token_ids], batch_size)
     with autocast(device, dtype):
-        for batch in batching.batches(token_ids, order, pad_id):
+        for batch in batching.batches(token_ids, order, pad_id,
+                                      max_width=model.cfg.context_length):
             b = batch.to(device)
             out[batch.index.numpy()] = model(b.ids, b.lengths).float().cpu().numpy()
     model.train(was_training)
     return out
 
 
-def merged_for_inference(model: GPTModel) -> GPTModel:
-    """LoRA folded into the base weights: inference then costs what the base costs."""
-    return merge(model).eval()
+def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """LoRA folded into the base weights (in fp32, then stored in the compute `dtype`):
+    inference then costs what the base model costs."""
+    return cast_frozen_linears(freeze(merge(model)), dtype).eval()
 
 
 @dataclass(frozen=True)

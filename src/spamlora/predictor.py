@@ -29,7 +29,7 @@ class Predictor:
         self.dtype = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         model, self.spec = load_classifier(weights, adapter)
-        self.model = merged_for_inference(model.to(self.device))
+        self.model = merged_for_inference(model.to(self.device), self.dtype)
         self.tokenizer = Tokenizer(weights)
         if self.tokenizer.pad_id != self.spec.pad_id:
             raise AdapterError(f"{adapter}: trained with padding id {self.spec.pad_id}, but "

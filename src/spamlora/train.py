@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import batching
-from .classifier import autocast, predict_logits
+from .classifier import autocast, cast_frozen_linears, predict_logits, training_attention
 from .config import TrainParams
 from .model import GPTModel
 
@@ -64,7 +64,7 @@ def train_classifier(
     """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
-    model.to(device)
+    cast_frozen_linears(model.to(device), dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
@@ -76,12 +76,13 @@ def train_classifier(
         order = batching.training_order(lengths, params.batch_size, generator,
                                         params.group_by_length)
         loss_sum = correct = count = 0
-        bar = tqdm(batching.batches(train_ids, order, pad_id, pad_to), total=len(order),
+        bar = tqdm(batching.batches(train_ids, order, pad_id, pad_to, max_length),
+                   total=len(order),
                    desc=f"epoch {epoch}/{params.epochs}", disable=None)
         for batch in bar:
             b = batch.to(device)
             labels = labels_all[batch.index].to(device)
-            with autocast(device, dtype):
+            with autocast(device, dtype), training_attention(device):
                 logits = model(b.ids, b.lengths)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)

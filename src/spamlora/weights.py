@@ -73,17 +73,15 @@ def _is_ignorable(name: str) -> bool:
     return name.startswith("h.") and name.endswith((".attn.bias", ".attn.masked_bias"))
 
 
-def read_state(folder: str | Path, cfg: GPTConfig,
-               load: bool = True) -> dict[str, torch.Tensor]:
-    """Every GPT-2 tensor of the folder's safetensors file, keyed without prefix, checked
-    against `cfg`: missing, unexpected or wrongly shaped tensors are errors. With
-    `load=False` only the file's header is checked and nothing is returned."""
+def check_weights(folder: str | Path, cfg: GPTConfig) -> dict[str, str]:
+    """Check the folder's safetensors header against `cfg` without reading the data:
+    missing, unexpected or wrongly shaped tensors are errors. Returns the file's tensor
+    names mapped to prefix-free GPT-2 names (mask buffers and the tied head dropped)."""
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{path}: missing (expected GPT-2 weights in safetensors format)")
     expected = _expected_shapes(cfg)
     expected_lm_head = expected["wte.weight"]  # lm_head is tied to wte: shape check only
-    state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = {key: key.removeprefix("transformer.") for key in f.keys()
@@ -97,18 +95,35 @@ def read_state(folder: str | Path, cfg: GPTConfig,
                 if shape != want:
                     raise WeightsError(f"{path}: tensor {key!r} has shape {shape}, "
                                        f"expected {want} from config.json")
-            missing = sorted(set(expected) - set(keys.values()))
-            if missing:
-                shown = ", ".join(missing[:5]) + (
-                    f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-                raise WeightsError(f"{path}: missing tensor(s) {shown}")
-            if load:
-                state = {name: f.get_tensor(key) for key, name in keys.items()
-                         if name != "lm_head.weight"}
     except SafetensorError as e:
         raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): "
                            f"{e}") from None
-    return state
+    missing = sorted(set(expected) - set(keys.values()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{path}: missing tensor(s) {shown}")
+    return {key: name for key, name in keys.items() if name != "lm_head.weight"}
+
+
+def _our_tensors(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Where a Hugging Face GPT-2 tensor goes in `GPTModel`. Conv1D stores (in, out):
+    weights are transposed for nn.Linear, and c_attn is split into Q, K, V."""
+    top = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+           "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias"}
+    if name in top:
+        return [(top[name], tensor)]
+    _, layer, *rest = name.split(".")
+    module, kind = ".".join(rest[:-1]), rest[-1]
+    p = f"trf_blocks.{layer}."
+    if module == "attn.c_attn":
+        pieces = tensor.chunk(3, dim=1 if kind == "weight" else 0)
+        return [(f"{p}att.{w}.{kind}", piece.T if kind == "weight" else piece)
+                for w, piece in zip(("W_query", "W_key", "W_value"), pieces, strict=True)]
+    ours = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "att.out_proj",
+            "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}[module]
+    transpose = kind == "weight" and not module.startswith("ln_")
+    return [(f"{p}{ours}.{kind}", tensor.T if transpose else tensor)]
 
 
 def fetch_model(base_url: str, dest: str | Path, timeout: float, retries: int) -> dict:
@@ -121,37 +136,31 @@ def fetch_model(base_url: str, dest: str | Path, timeout: float, retries: int) -
             got = download([join_url(base_url, name)], tmp / name, timeout=timeout,
                            retries=retries)
             record[name] = got.as_dict()
-        read_state(tmp, read_config(tmp), load=False)
+        check_weights(tmp, read_config(tmp))
         write_json(tmp / DOWNLOAD_RECORD, record)
     return record
 
 
 @torch.no_grad()
 def load_gpt2(folder: str | Path, drop_rate: float = 0.0) -> GPTModel:
-    """A `GPTModel` with the weights of a Hugging Face GPT-2 folder, output head tied."""
+    """A `GPTModel` with the weights of a Hugging Face GPT-2 folder, output head tied.
+
+    The model is built without initialising it and filled one tensor at a time, so
+    loading needs the model's memory once, not twice (and no time on random init)."""
     cfg = read_config(folder).with_dropout(drop_rate)
-    state = read_state(folder, cfg)
-    model = GPTModel(cfg)
-    model.tok_emb.weight.copy_(state["wte.weight"])
-    model.pos_emb.weight.copy_(state["wpe.weight"])
-    model.final_norm.weight.copy_(state["ln_f.weight"])
-    model.final_norm.bias.copy_(state["ln_f.bias"])
-    for i, block in enumerate(model.trf_blocks):
-        p = f"h.{i}."
-        att, ff = block.att, block.ff.layers
-        # Conv1D stores (in, out): transpose for nn.Linear.
-        for linear, w, b in zip(
-            (att.W_query, att.W_key, att.W_value),
-            state[p + "attn.c_attn.weight"].chunk(3, dim=1),
-            state[p + "attn.c_attn.bias"].chunk(3, dim=0), strict=True,
-        ):
-            linear.weight.copy_(w.T)
-            linear.bias.copy_(b)
-        for linear, hf in ((att.out_proj, "attn.c_proj"), (ff[0], "mlp.c_fc"),
-                           (ff[2], "mlp.c_proj")):
-            linear.weight.copy_(state[p + hf + ".weight"].T)
-            linear.bias.copy_(state[p + hf + ".bias"])
-        for norm, hf in ((block.norm1, "ln_1"), (block.norm2, "ln_2")):
-            norm.weight.copy_(state[p + hf + ".weight"])
-            norm.bias.copy_(state[p + hf + ".bias"])
-    return model.eval()  # out_head is tied to tok_emb, so it now holds wte too
+    keys = check_weights(folder, cfg)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model.to_empty(device="cpu")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key, name in keys.items():
+                for target, tensor in _our_tensors(name, f.get_tensor(key)):
+                    params[target].copy_(tensor)
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): "
+                           f"{e}") from None
+    model.out_head.weight = model.tok_emb.weight  # to_empty untied them
+    return model.eval()

@@ -1,0 +1,32 @@
+"""The benchmark script runs end to end (a smoke run on a tiny model: no timing checks;
+speed is measured by `make bench`, never by tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, SMS_FILE
+
+
+@pytest.mark.e2e
+def test_benchmark_smoke_run(tmp_path):
+    if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
+        pytest.skip("the benchmark needs the real SMS data")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
+                           "--size", "tiny", "--limit", "24", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"spamlora", "peer-default", "peer-tuned", "inference",
+                            "bf16-vs-fp32"}
+    for case in ("spamlora", "peer-default", "peer-tuned"):
+        assert results[case]["examples"] == 24
+        assert results[case]["examples_per_s"] > 0 and results[case]["peak_rss_mb"] > 0
+    assert results["inference"]["predict_messages"] == 48
+    assert set(results["bf16-vs-fp32"]["max_abs_diff"]) == {"train_loss", "val_loss",
+                                                           "val_accuracy"}
+    assert set(report["summary"]) == {"speedup_vs_peer-default", "speedup_vs_peer-tuned"}
