@@ -174,6 +174,19 @@ def sms_lines(n_ham: int = 30, n_spam: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dataset_zip_bytes() -> bytes:
+    """The real SMS Spam Collection zip when ../shared has it, else a stand-in."""
+    if SMS_ZIP.is_file():
+        return SMS_ZIP.read_bytes()
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("SMSSpamCollection", sms_lines(200, 80))
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def make_zip(tmp_path) -> Callable[..., Path]:
     import zipfile

@@ -6,20 +6,14 @@ import json
 import pandas as pd
 import pytest
 
-from .conftest import SMS_ZIP, sms_lines
+from .conftest import SMS_ZIP, dataset_zip_bytes
 from .workspace import dvc, make_workspace
 
 pytestmark = pytest.mark.e2e
 
 
-def dataset_zip(make_zip) -> bytes:
-    if SMS_ZIP.is_file():
-        return SMS_ZIP.read_bytes()
-    return make_zip({"SMSSpamCollection": sms_lines(300, 120)}).read_bytes()
-
-
-def test_dvc_repro_split_then_nothing_to_do(tmp_path, http_server, make_zip):
-    body = dataset_zip(make_zip)
+def test_dvc_repro_split_then_nothing_to_do(tmp_path, http_server):
+    body = dataset_zip_bytes()
     url = http_server.serve("/sms.zip", body)
     ws = make_workspace(tmp_path / "ws", {
         "data.url": url, "data.sha256": hashlib.sha256(body).hexdigest()})

@@ -37,6 +37,10 @@ def test_alpha_over_rank_scaling():
     x = torch.randn(4, 6)
     assert layer.scaling == 3.0
     torch.testing.assert_close(layer(x), 3.0 * (x @ layer.A @ layer.B))
+    wrapped = LinearWithLoRA(nn.Linear(6, 5), rank=2, alpha=6)
+    wrapped.lora.load_state_dict(layer.state_dict())
+    x3 = torch.randn(2, 3, 6)  # the fused path reshapes (batch, seq, in) inputs
+    torch.testing.assert_close(wrapped(x3), wrapped.linear(x3) + layer(x3))
     doubled = LoRALayer(6, 5, rank=2, alpha=12)
     doubled.load_state_dict(layer.state_dict())
     torch.testing.assert_close(doubled(x), 2 * layer(x))

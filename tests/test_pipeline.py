@@ -3,13 +3,11 @@ fed by a loopback HTTP server with the real SMS zip (or a stand-in) and a tiny r
 GPT-2 written by transformers."""
 
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-import zipfile
 
 import mlflow
 import pandas as pd
@@ -18,19 +16,10 @@ import pytest
 from spamlora.paths import SPLITS, Paths
 from spamlora.tracking import EXPERIMENT
 
-from .conftest import SMS_ZIP, local_server, make_hf_gpt2, sms_lines
+from .conftest import dataset_zip_bytes, local_server, make_hf_gpt2
 from .workspace import dvc, env, make_workspace
 
 pytestmark = pytest.mark.e2e
-
-
-def dataset_zip() -> bytes:
-    if SMS_ZIP.is_file():
-        return SMS_ZIP.read_bytes()
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("SMSSpamCollection", sms_lines(200, 80))
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def pipeline(tmp_path_factory):
     """A workspace after `dvc repro`, with the output of that command."""
     tmp = tmp_path_factory.mktemp("pipeline")
     with local_server() as server:
-        body = dataset_zip()
+        body = dataset_zip_bytes()
         data_url = server.serve("/uci/sms+spam+collection.zip", body)
         model = make_hf_gpt2(tmp / "gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=256)
         server.serve_dir("/hub/gpt2", model)
@@ -148,3 +137,23 @@ def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     assert all(r.info.status == "FINISHED" and "test.accuracy" in r.data.metrics
                for r in runs)
     assert os.path.isdir(ws / "mlartifacts")
+
+
+def test_push_then_a_second_clone_pulls_and_runs_no_stage(pipeline, tmp_path):
+    ws, _, _ = pipeline
+    remote = tmp_path / "remote"
+    dvc(ws, "remote", "modify", "--local", "local", "url", str(remote))
+    # The state to share: dvc.lock, params and the small metrics go to git, data to DVC.
+    subprocess.run(["git", "add", "-A"], cwd=ws, env=env(ws), check=True)
+    subprocess.run(["git", "commit", "-qm", "results"], cwd=ws, env=env(ws), check=True)
+    dvc(ws, "push")
+    assert any(remote.rglob("*"))
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], env=env(ws), check=True)
+    dvc(clone, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(clone, "pull")
+    assert (clone / "data" / "train" / "adapter.safetensors").read_bytes() == (
+        ws / "data" / "train" / "adapter.safetensors").read_bytes()
+    assert "Running stage" not in dvc(clone, "repro")
+    assert "up to date" in dvc(clone, "status").lower()

@@ -58,8 +58,13 @@ class LoRALayer(nn.Module):
         """The update in `nn.Linear` layout, (out_dim, in_dim)."""
         return (self.scaling * (self.A @ self.B)).T
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled rank-r projection; scaling it touches r values per token, where
+        scaling the output would touch out_dim."""
+        return self.dropout(x) @ self.A * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+        return self.down(x) @ self.B
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, "
@@ -78,9 +83,13 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
         if self.merged:
-            return self.linear(x)
-        return self.linear(x) + self.lora(x)
+            return y
+        # y + down(x) @ B as one GEMM that accumulates into y: no extra pass over y.
+        h = self.lora.down(x)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                           self.lora.B).view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:

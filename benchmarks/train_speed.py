@@ -1,0 +1,365 @@
+"""Fine-tuning speed: spamlora against transformers + peft on the same work, same machine.
+
+    make bench                      # or: python benchmarks/train_speed.py
+
+One epoch over the real 1,045-message training split plus a validation pass, GPT-2 124M
+with random weights (the cost is the same as pretrained), LoRA rank 8, batch 8, AdamW
+lr 8e-4, weight decay 0.1. Each case runs in its own process so its peak RSS is its own.
+Also measured: evaluation throughput, single-message `spamlora predict` latency, and bf16
+against fp32 loss trajectories on a small task. Results go to benchmarks/results/*.json
+and the table in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+
+LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
+TRAIN_CASES = ("spamlora", "peer-default", "peer-tuned")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+def prepare(workdir: Path, size: str) -> tuple[Path, Path]:
+    """The real train/validation splits and a random GPT-2 folder saved by transformers."""
+    import pandas as pd
+    import torch
+    import transformers
+
+    from spamlora.data import balance, parse_messages, read_labelled_csv, split
+
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    if (REPO / "data" / "train.csv").is_file():
+        parts = {n: read_labelled_csv(REPO / "data" / f"{n}.csv")
+                 for n in ("train", "validation", "test")}
+    elif (SHARED / "sms_spam" / "SMSSpamCollection").is_file():
+        messages, _ = parse_messages(SHARED / "sms_spam" / "SMSSpamCollection")
+        parts = split(balance(messages, SEED), 0.7, 0.1, SEED)
+    else:
+        sys.exit("benchmark needs the real data: run `dvc repro split` or provide "
+                 "../shared/data/sms_spam/SMSSpamCollection")
+    for name, part in parts.items():
+        pd.DataFrame(part).to_csv(data_dir / f"{name}.csv", index=False)
+
+    model_dir = workdir / "gpt2"
+    bpe = REPO / "data" / "base_model"
+    if not (bpe / "vocab.json").is_file():
+        bpe = SHARED / "gpt2_bpe"
+    vocab = bpe / ("vocab.json" if (bpe / "vocab.json").is_file() else "encoder.json")
+    merges = bpe / ("merges.txt" if (bpe / "merges.txt").is_file() else "vocab.bpe")
+    dims = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+            "tiny": dict(n_embd=64, n_layer=2, n_head=2)}[size]
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**dims)).save_pretrained(model_dir)
+    shutil.copy(vocab, model_dir / "vocab.json")
+    shutil.copy(merges, model_dir / "merges.txt")
+    return data_dir, model_dir
+
+
+def load_split(data_dir: Path, name: str, limit: int | None):
+    from spamlora.data import read_labelled_csv
+
+    df = read_labelled_csv(data_dir / f"{name}.csv")
+    return df.head(limit) if limit else df
+
+
+# --- cases, each run in a child process ---------------------------------------------------
+
+def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+    import torch
+
+    from spamlora.batching import encode
+    from spamlora.classifier import (AdapterSpec, build_classifier, resolve_device,
+                                     resolve_precision)
+    from spamlora.config import TrainParams
+    from spamlora.tokenizer import Tokenizer
+    from spamlora.train import train_classifier
+    from spamlora.weights import load_gpt2
+
+    start = time.perf_counter()
+    train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
+    params = TrainParams(epochs=1, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
+                         seed=SEED)
+    tokenizer = Tokenizer(model_dir)
+    base = load_gpt2(model_dir)
+    device = resolve_device(params.device)
+    dtype = resolve_precision(params.precision, device)
+    max_length = min(max(len(t) for t in tokenizer.encode_batch(train["text"].tolist())),
+                     base.cfg.context_length)
+    train_ids, _ = encode(tokenizer, train["text"].tolist(), max_length)
+    val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
+    spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=max_length,
+                       pad_id=tokenizer.pad_id)
+    model = build_classifier(base, spec, seed=SEED)
+    setup = time.perf_counter() - start
+    last_step_end = 0.0
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal last_step_end
+        last_step_end = time.perf_counter()
+
+    t0 = time.perf_counter()
+    history = train_classifier(model, train_ids, train["label"].to_numpy(), val_ids,
+                               val["label"].to_numpy(), params, tokenizer.pad_id, max_length,
+                               device, dtype, on_step=on_step)
+    total = time.perf_counter() - t0
+    train_seconds = last_step_end - t0
+    return {"precision": str(dtype).removeprefix("torch."), "setup_seconds": setup,
+            "train_seconds": train_seconds, "validation_seconds": total - train_seconds,
+            "examples": len(train), "final_step_loss": history.step_losses[-1],
+            "val_accuracy": history.epochs[-1].val_accuracy}
+
+
+def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool) -> dict:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+
+    start = time.perf_counter()
+    train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    overrides = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if tuned else {}
+    torch.manual_seed(SEED)
+    model = transformers.GPT2ForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, pad_token_id=tokenizer.pad_token_id, **overrides)
+    model = get_peft_model(model, LoraConfig(
+        r=RANK, lora_alpha=RANK, target_modules=["c_attn", "c_proj", "c_fc"],
+        modules_to_save=["score"]))
+    collator = transformers.DataCollatorWithPadding(tokenizer)
+
+    def loader(df, shuffle):
+        rows = [{**tokenizer(text, truncation=True, max_length=1024), "labels": int(label)}
+                for text, label in zip(df["text"], df["label"], strict=True)]
+        return DataLoader(rows, batch_size=BATCH, shuffle=shuffle, collate_fn=collator,
+                          generator=torch.Generator().manual_seed(SEED))
+
+    train_loader, val_loader = loader(train, True), loader(val, False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=LR, weight_decay=WEIGHT_DECAY)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tuned)
+    setup = time.perf_counter() - start
+    t0 = time.perf_counter()
+    model.train()
+    for batch in train_loader:
+        with autocast:
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.inference_mode(), autocast:
+        for batch in val_loader:
+            correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
+    return {"precision": "bf16" if tuned else "fp32", "setup_seconds": setup,
+            "train_seconds": train_seconds,
+            "validation_seconds": time.perf_counter() - t0 - train_seconds,
+            "examples": len(train), "final_step_loss": loss.item(),
+            "val_accuracy": correct / len(val)}
+
+
+def case_inference(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+    """Evaluation throughput and single-message latency, LoRA merged (a trained-like
+    adapter: the cost does not depend on the values)."""
+    import numpy as np
+
+    from spamlora.classifier import AdapterSpec, build_classifier, save_adapter
+    from spamlora.predictor import Predictor
+    from spamlora.tokenizer import Tokenizer
+    from spamlora.weights import load_gpt2
+
+    base = load_gpt2(model_dir)
+    adapter = model_dir / "adapter.safetensors"
+    spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=1024,
+                       pad_id=Tokenizer(model_dir).pad_id)
+    save_adapter(build_classifier(base, spec, SEED), spec, adapter)
+    del base
+    predictor = Predictor(model_dir, adapter)
+    texts = (load_split(data_dir, "validation", limit)["text"].tolist()
+             + load_split(data_dir, "test", limit)["text"].tolist())
+    predictor.spam_probabilities(texts[:8])  # warm-up
+    t0 = time.perf_counter()
+    predictor.spam_probabilities(texts)
+    eval_seconds = time.perf_counter() - t0
+    latencies = []
+    for text in texts[:100]:
+        t = time.perf_counter()
+        predictor.spam_probabilities([text])
+        latencies.append((time.perf_counter() - t) * 1000)
+    q = np.percentile(latencies, [50, 95])
+    return {"precision": str(predictor.dtype).removeprefix("torch."),
+            "eval_examples": len(texts), "eval_seconds": eval_seconds,
+            "eval_examples_per_s": len(texts) / eval_seconds,
+            "predict_p50_ms": float(q[0]), "predict_p95_ms": float(q[1]),
+            "predict_messages": len(latencies)}
+
+
+def case_bf16_vs_fp32(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+    """Same small model, same init and batches, 2 epochs in fp32 and in bf16 autocast."""
+    import torch
+
+    from spamlora.batching import encode
+    from spamlora.classifier import AdapterSpec, build_classifier
+    from spamlora.config import TrainParams
+    from spamlora.model import GPTConfig, GPTModel
+    from spamlora.tokenizer import Tokenizer
+    from spamlora.train import train_classifier
+
+    train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
+    tokenizer = Tokenizer(model_dir)
+    train_ids, _ = encode(tokenizer, train["text"].tolist(), 128)
+    val_ids, _ = encode(tokenizer, val["text"].tolist(), 128)
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=128, emb_dim=128,
+                    n_layers=4, n_heads=4)
+    runs = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        spec = AdapterSpec("small", cfg, RANK, RANK, max_length=128, pad_id=tokenizer.pad_id)
+        model = build_classifier(GPTModel(cfg), spec, seed=SEED)
+        history = train_classifier(model, train_ids, train["label"].to_numpy(), val_ids,
+                                   val["label"].to_numpy(),
+                                   TrainParams(epochs=2, lr=3e-3, weight_decay=0.0, seed=SEED),
+                                   tokenizer.pad_id, 128, torch.device("cpu"), dtype)
+        runs[name] = [vars(r) for r in history.epochs]
+    diffs = {key: max(abs(a[key] - b[key]) for a, b in zip(runs["fp32"], runs["bf16"],
+                                                          strict=True))
+             for key in ("train_loss", "val_loss", "val_accuracy")}
+    return {"epochs": runs, "max_abs_diff": diffs}
+
+
+CASES = {
+    "spamlora": case_spamlora,
+    "peer-default": lambda d, m, n: case_peer(d, m, n, tuned=False),
+    "peer-tuned": lambda d, m, n: case_peer(d, m, n, tuned=True),
+    "inference": case_inference,
+    "bf16-vs-fp32": case_bf16_vs_fp32,
+}
+
+
+def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--case", case, "--data", str(data_dir),
+           "--model", str(model_dir)] + (["--limit", str(limit)] if limit else [])
+    print(f"running {case} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"case {case} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {json.dumps(result)[:300]}", file=sys.stderr, flush=True)
+    return result
+
+
+def summarise(results: dict) -> dict:
+    ours = results["spamlora"]
+    out = {}
+    for case in TRAIN_CASES:
+        r = results.get(case)
+        if r:
+            r["examples_per_s"] = r["examples"] / r["train_seconds"]
+    for peer in ("peer-default", "peer-tuned"):
+        if peer in results:
+            out[f"speedup_vs_{peer}"] = ours["examples_per_s"] / results[peer]["examples_per_s"]
+    return out
+
+
+def write_table(report: dict) -> None:
+    r = report["results"]
+    lines = [TABLE_START, "",
+             f"Measured {report['date']} on {report['machine']} "
+             f"(torch {report['torch']}, {report['threads']} threads), "
+             f"{r['spamlora']['examples']:,} training messages.", "",
+             "| one epoch + validation pass | precision | train s | examples/s | "
+             "validation s | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for case in TRAIN_CASES:
+        c = r.get(case)
+        if c:
+            lines.append(f"| {case} | {c['precision']} | {c['train_seconds']:.1f} | "
+                         f"{c['examples_per_s']:.1f} | {c['validation_seconds']:.1f} | "
+                         f"{c['peak_rss_mb']:.0f} |")
+    lines.append("")
+    for key, value in report["summary"].items():
+        lines.append(f"- {key.replace('_', ' ')}: **{value:.2f}x**")
+    if "inference" in r:
+        i = r["inference"]
+        lines.append(f"- evaluation ({i['precision']}, LoRA merged): "
+                     f"{i['eval_examples_per_s']:.0f} messages/s; single-message predict "
+                     f"p50 {i['predict_p50_ms']:.1f} ms, p95 {i['predict_p95_ms']:.1f} ms")
+    if "bf16-vs-fp32" in r:
+        d = r["bf16-vs-fp32"]["max_abs_diff"]
+        lines.append(f"- bf16 vs fp32 (small model, 2 epochs, same init and batches): "
+                     f"max |Δ| train loss {d['train_loss']:.4f}, val loss "
+                     f"{d['val_loss']:.4f}, val accuracy {d['val_accuracy']:.4f}")
+    lines += ["", TABLE_END]
+    text = README.read_text(encoding="utf-8")
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    README.write_text(head + "\n".join(lines) + tail, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--limit", type=int, help="use only N messages per split (smoke runs)")
+    parser.add_argument("--size", choices=["gpt2", "tiny"], default="gpt2")
+    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/"
+                                                 "<date>.json, and the README table)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:  # a child: one case, one JSON line
+        result = CASES[args.case](args.data, args.model, args.limit)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, model_dir = prepare(Path(tmp), args.size)
+        results = {case: run_child(case, data_dir, model_dir, args.limit)
+                   for case in args.cases}
+    report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()})",
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "size": args.size, "limit": args.limit, "results": results}
+    if "spamlora" in results:
+        report["summary"] = summarise(results)
+    out = args.out or RESULTS / f"train_speed-{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report.get("summary", {}), indent=2))
+    if args.out is None and "spamlora" in results:
+        write_table(report)
+
+
+if __name__ == "__main__":
+    main()
