@@ -4,8 +4,11 @@ import dataclasses
 import os
 import runpy
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import mlflow
 import pandas as pd
@@ -13,6 +16,7 @@ import pytest
 
 from spamlora.config import load_params
 from spamlora.data import write_csv
+from spamlora.errors import SpamloraError
 from spamlora.paths import Paths
 from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE
 
@@ -103,3 +107,63 @@ def test_parallel_workers_creating_a_fresh_store_all_land(tmp_path):
     client = mlflow.MlflowClient()
     (experiment,) = [e for e in client.search_experiments() if e.name == EXPERIMENT]
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQL backend and an artifact store."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+         str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start in 90 s")
+    yield uri, proc, root
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_tracking_server_receives_the_pipeline_run(workspace, mlflow_server, monkeypatch):
+    uri, proc, root = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"))
+    for stage in ("train", "evaluate"):
+        stage_main(stage)(params)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["lora.rank"] == "8" and "test.accuracy" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} == {
+        "adapter/adapter.safetensors"}
+    assert not (workspace / STORE_FILE).exists()
+    assert any((root / "artifacts").rglob("adapter.safetensors"))
+
+    proc.terminate()
+    proc.wait(timeout=30)
+    # With the base model gone too, the error shows which check comes first: the
+    # server's, before anything is loaded or trained.
+    shutil.rmtree(Paths(workspace).base_model)
+    with pytest.raises(SpamloraError, match=r"MLflow tracking server .* is not reachable"):
+        stage_main("train")(params)

@@ -13,8 +13,11 @@ import contextlib
 import fcntl
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import SpamloraError
 from .fileio import read_json, write_json
@@ -64,6 +67,21 @@ def _experiment_id(client, root: Path, default_store: bool) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once with a clear message if a tracking server does not answer: MLflow's
+    own client would retry for minutes, or the stage would fail after the training."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SpamloraError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not "
+                            f"reachable: {reason}. Start it, or unset MLFLOW_TRACKING_URI "
+                            f"to use the local store mlflow.db.") from None
+
+
 def create_pipeline_run(params: dict[str, object], model_name: str) -> str:
     """Create the MLflow run of this pipeline run with every parameter and its tags;
     called first, so an unusable store fails the stage before any compute."""
@@ -72,7 +90,9 @@ def create_pipeline_run(params: dict[str, object], model_name: str) -> str:
     root = repo_root()
     # Read before set_tracking_uri, which also exports MLFLOW_TRACKING_URI.
     default_store = "MLFLOW_TRACKING_URI" not in os.environ
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     with _store_lock(root):
         client = mlflow.MlflowClient()
         experiment_id = _experiment_id(client, root, default_store)
@@ -108,6 +128,7 @@ def active_run(run_id: str) -> Iterator[object]:
     """The run, active for `mlflow.log_*`; ended as FAILED if the block raises."""
     import mlflow
 
+    check_reachable(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     try:
         mlflow.MlflowClient().get_run(run_id)
