@@ -1,11 +1,16 @@
-"""Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run."""
+"""Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run.
 
+With `train.nproc > 1` the stage reruns itself under torchrun (DistributedDataParallel);
+only rank 0 writes outputs and talks to MLflow.
+"""
+
+import contextlib
 import time
 
 import mlflow
 import pandas as pd
 
-from spamlora import stage, tracking
+from spamlora import distributed, stage, tracking
 from spamlora.batching import encode
 from spamlora.classifier import (
     AdapterSpec,
@@ -18,6 +23,7 @@ from spamlora.classifier import (
 )
 from spamlora.config import Params
 from spamlora.data import read_labelled_csv, write_csv
+from spamlora.errors import SpamloraError
 from spamlora.fileio import write_json
 from spamlora.paths import Paths
 from spamlora.tokenizer import Tokenizer
@@ -27,9 +33,17 @@ from spamlora.weights import load_gpt2
 
 def main(params: Params) -> None:
     paths, tp = Paths(), params.train
-    run_id = tracking.create_pipeline_run(params.flat(), params.model.name)
-    with tracking.active_run(run_id):
-        device = resolve_device(tp.device)
+    if tp.nproc > 1 and not distributed.under_torchrun():
+        if status := distributed.relaunch(__file__, tp.nproc):
+            raise SpamloraError(f"training in {tp.nproc} processes failed (exit {status})")
+        return
+    device = resolve_device(tp.device)
+    if distributed.under_torchrun():
+        device = distributed.init(device)
+    main_process = distributed.is_main()
+    run_id = tracking.create_pipeline_run(params.flat(), params.model.name) \
+        if main_process else None
+    with tracking.active_run(run_id) if main_process else contextlib.nullcontext():
         dtype = resolve_precision(tp.precision, device)
         tokenizer = Tokenizer(paths.base_model)
         base = load_gpt2(paths.base_model)
@@ -39,7 +53,7 @@ def main(params: Params) -> None:
         max_length = min(tp.max_length or longest, base.cfg.context_length)
         train_ids, cut = encode(tokenizer, train_df["text"].tolist(), max_length)
         val_ids, val_cut = encode(tokenizer, val_df["text"].tolist(), max_length)
-        if cut or val_cut:
+        if (cut or val_cut) and main_process:
             print(f"warning: {len(cut)} training and {len(val_cut)} validation messages "
                   f"truncated to {max_length} tokens")
 
@@ -49,12 +63,17 @@ def main(params: Params) -> None:
                            pad_id=tokenizer.pad_id)
         model = build_classifier(base, spec, seed=tp.seed)
         counts = parameter_counts(model)
-        summary = format_summary(model, counts)
-        print(summary)
-        mlflow.log_text(summary, "model_summary.txt")
-        mlflow.log_params({"resolved.max_length": max_length, "resolved.device": str(device),
-                           "resolved.precision": str(dtype).removeprefix("torch."),
-                           **{f"parameters.{k}": v for k, v in counts.as_dict().items()}})
+        if main_process:
+            summary = format_summary(model, counts)
+            print(summary)
+            mlflow.log_text(summary, "model_summary.txt")
+            mlflow.log_params({
+                "resolved.max_length": max_length, "resolved.device": str(device),
+                "resolved.precision": str(dtype).removeprefix("torch."),
+                **{f"parameters.{k}": v for k, v in counts.as_dict().items()}})
+
+        def on_step(step, loss):
+            mlflow.log_metric("step_loss", loss, step=step, synchronous=False)
 
         def on_epoch(record):
             mlflow.log_metrics({k: v for k, v in vars(record).items() if k != "epoch"},
@@ -64,21 +83,21 @@ def main(params: Params) -> None:
         history = train_classifier(
             model, train_ids, train_df["label"].to_numpy(), val_ids,
             val_df["label"].to_numpy(), tp, tokenizer.pad_id, max_length, device, dtype,
-            on_step=lambda step, loss: mlflow.log_metric("step_loss", loss, step=step,
-                                                        synchronous=False),
-            on_epoch=on_epoch)
-        mlflow.log_metric("train_seconds", time.perf_counter() - start)
-
-        save_adapter(model, spec, paths.adapter)
-        mlflow.log_artifact(str(paths.adapter), "adapter")
-        epochs = pd.DataFrame([vars(r) for r in history.epochs])
-        write_csv(epochs, paths.plot_data("history"))
-        last = history.epochs[-1]
-        write_json(paths.metrics("train"), {
-            "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
-            "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
-            "examples_seen": last.examples_seen, "parameters": counts.as_dict()})
-        tracking.record_run(paths.mlflow_run, run_id)
+            on_step=on_step if main_process else None,
+            on_epoch=on_epoch if main_process else None)
+        if main_process:
+            mlflow.log_metric("train_seconds", time.perf_counter() - start)
+            save_adapter(model, spec, paths.adapter)
+            mlflow.log_artifact(str(paths.adapter), "adapter")
+            write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
+                      paths.plot_data("history"))
+            last = history.epochs[-1]
+            write_json(paths.metrics("train"), {
+                "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
+                "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
+                "examples_seen": last.examples_seen, "parameters": counts.as_dict()})
+            tracking.record_run(paths.mlflow_run, run_id)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import urllib.request
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from spamlora.config import load_params
 from spamlora.data import write_csv
@@ -167,3 +168,23 @@ def test_a_tracking_server_receives_the_pipeline_run(workspace, mlflow_server, m
     shutil.rmtree(Paths(workspace).base_model)
     with pytest.raises(SpamloraError, match=r"MLflow tracking server .* is not reachable"):
         stage_main("train")(params)
+
+
+@pytest.mark.e2e
+def test_train_stage_in_two_processes_logs_one_run_from_rank_0(workspace):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"nproc": 2, "epochs": 1, "precision": "fp32"})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_ROOT": str(workspace)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=workspace,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("LM + LoRA (before head swap)") == 1  # rank 0 only
+    assert Paths(workspace).adapter.is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / STORE_FILE}")
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.data.params["train.nproc"] == "2"
+    steps = client.get_metric_history(run.info.run_id, "step_loss")
+    assert [m.step for m in steps] == list(range(1, 8))  # ceil(50 / 8), not per process

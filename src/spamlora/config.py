@@ -109,6 +109,7 @@ class TrainParams:
     precision: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
     padding: str = "batch"  # batch: pad to each batch's longest; max_length: pad all alike
     group_by_length: bool = True  # draw batches from messages of similar length
+    nproc: int = 1  # processes under torchrun (DistributedDataParallel); batch is global
 
     def check(self, err) -> None:
         err(self.epochs >= 1, "epochs", "must be >= 1")
@@ -122,6 +123,7 @@ class TrainParams:
         err(self.precision in ("auto", "fp32", "bf16"), "precision",
             "must be auto, fp32 or bf16")
         err(self.padding in ("batch", "max_length"), "padding", "must be batch or max_length")
+        err(self.nproc >= 1, "nproc", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import batching
+from . import batching, distributed
 from .classifier import autocast, cast_frozen_linears, predict_logits, training_attention
 from .config import TrainParams
 from .model import GPTModel
@@ -61,10 +62,19 @@ def train_classifier(
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> History:
-    """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress."""
+    """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress.
+
+    Under torchrun every process draws the same batches and takes its share of each
+    (rows rank, rank + world, ...); losses are summed and divided by the whole batch's
+    size, so the averaged gradient is that of the whole batch, as with one process."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
     cast_frozen_linears(model.to(device), dtype)
+    rank, world = distributed.rank_and_world()
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                      else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
@@ -76,29 +86,33 @@ def train_classifier(
         order = batching.training_order(lengths, params.batch_size, generator,
                                         params.group_by_length)
         loss_sum = correct = count = 0
-        bar = tqdm(batching.batches(train_ids, order, pad_id, pad_to, max_length),
-                   total=len(order),
-                   desc=f"epoch {epoch}/{params.epochs}", disable=None)
-        for batch in bar:
-            b = batch.to(device)
+        bar = tqdm(order, desc=f"epoch {epoch}/{params.epochs}", disable=None if rank == 0
+                   else True)
+        for index in bar:
+            # A process whose share is empty (a last batch smaller than the world) still
+            # runs a zero-weighted example: DDP needs every process in every step.
+            share = index[rank::world]
+            weight = 1.0 if share else 0.0
+            batch = batching.collate(train_ids, share or index[:1], pad_id, pad_to,
+                                     max_length).to(device)
             labels = labels_all[batch.index].to(device)
             with autocast(device, dtype), training_attention(device):
-                logits = model(b.ids, b.lengths)
-            loss = F.cross_entropy(logits.float(), labels)
+                logits = net(batch.ids, batch.lengths)
+            local_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * weight
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (local_sum * world / len(index)).backward()  # DDP averages over processes
             optimizer.step()
+            batch_loss_sum, batch_correct = distributed.all_sum(
+                [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight])
             step += 1
-            seen += len(batch.index)
-            n = len(batch.index)
-            loss_value = loss.item()
-            loss_sum += loss_value * n
-            correct += (logits.argmax(1) == labels).sum().item()
-            count += n
-            history.step_losses.append(loss_value)
+            seen += len(index)
+            loss_sum += batch_loss_sum
+            correct += batch_correct
+            count += len(index)
+            history.step_losses.append(batch_loss_sum / len(index))
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
             if on_step:
-                on_step(step, loss_value)
+                on_step(step, batch_loss_sum / len(index))
         val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype)
         val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
         record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)

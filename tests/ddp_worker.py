@@ -1,0 +1,43 @@
+"""Trains the tiny test classifier in this process, or in each process under torchrun,
+and (rank 0) writes the history and the trained tensors: used by test_distributed.py."""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from spamlora import distributed
+from spamlora.classifier import AdapterSpec, build_classifier, trainable_state
+from spamlora.config import TrainParams
+from spamlora.tokenizer import Tokenizer
+from spamlora.train import train_classifier
+from spamlora.weights import load_gpt2
+from tests.test_train import separable_task
+
+
+def main(folder: str, out: str) -> None:
+    device = torch.device("cpu")
+    if distributed.under_torchrun():
+        device = distributed.init(device)
+    tokenizer = Tokenizer(folder)
+    base = load_gpt2(folder)
+    spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, max_length=64,
+                       pad_id=tokenizer.pad_id)
+    model = build_classifier(base, spec, seed=3)
+    train_ids, train_labels, val_ids, val_labels = separable_task(tokenizer)
+    # 60 examples in batches of 8: the last batch of 4 is split 2 + 2 under two processes.
+    params = TrainParams(epochs=2, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3)
+    history = train_classifier(model, train_ids, train_labels, val_ids, val_labels, params,
+                               tokenizer.pad_id, 64, device, torch.float32)
+    if distributed.is_main():
+        save_file(trainable_state(model), out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump({"world": distributed.rank_and_world()[1],
+                       "step_losses": history.step_losses,
+                       "epochs": [vars(r) for r in history.epochs]}, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

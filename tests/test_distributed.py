@@ -1,0 +1,44 @@
+"""Training in two processes (torchrun, gloo, loopback) matches one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def run(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2):
+    worker = str(REPO / "tests" / "ddp_worker.py")
+    run([worker, str(tiny_gpt2), str(tmp_path / "one")], tmp_path)
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+         str(tiny_gpt2), str(tmp_path / "two")], tmp_path)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["world"], two["world"]) == (1, 2)
+    assert len(one["step_losses"]) == len(two["step_losses"]) == 2 * 8
+    # Same batches, split across processes: equal up to float summation order.
+    torch.testing.assert_close(torch.tensor(two["step_losses"]),
+                               torch.tensor(one["step_losses"]), atol=1e-4, rtol=0)
+    for a, b in zip(one["epochs"], two["epochs"], strict=True):
+        assert a["examples_seen"] == b["examples_seen"]
+        assert a["train_accuracy"] == b["train_accuracy"]
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+    tensors_one = load_file(tmp_path / "one.safetensors")
+    tensors_two = load_file(tmp_path / "two.safetensors")
+    assert set(tensors_one) == set(tensors_two)
+    for name in tensors_one:
+        torch.testing.assert_close(tensors_two[name], tensors_one[name], atol=1e-4, rtol=0)
