@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: repro test lint bench clean
+.PHONY: repro test lint bench sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,22 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train_speed.py
+
+# A grid of queued experiments run by N workers, then a report in metrics/sweep/.
+# On CPU each worker gets its share of the cores (oversubscribed, they run ~10x slower).
+SWEEP_RANKS ?= 1,2,4,8,16
+SWEEP_SEEDS ?= 123,7
+SWEEP_JOBS ?= 2
+SWEEP_THREADS ?= $(shell echo $$(( $$(nproc) / $(SWEEP_JOBS) > 0 ? $$(nproc) / $(SWEEP_JOBS) : 1 )))
+sweep: $(VENV)/.runtime
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue \
+		-S 'lora.rank=$(SWEEP_RANKS)' -S 'train.seed=$(SWEEP_SEEDS)'
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$(SWEEP_THREADS) \
+		$(BIN)/dvc queue start -j $(SWEEP_JOBS)
+	while PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue status | grep -qE 'Queued|Running'; \
+		do sleep 10; done
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue status
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/spamlora sweep-report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

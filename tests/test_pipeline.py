@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -137,6 +138,20 @@ def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     assert all(r.info.status == "FINISHED" and "test.accuracy" in r.data.metrics
                for r in runs)
     assert os.path.isdir(ws / "mlartifacts")
+
+
+def test_sweep_report_from_dvc_exp_show(pipeline):
+    ws, _, _ = pipeline
+    proc = subprocess.run([str(Path(sys.executable).parent / "spamlora"), "sweep-report"],
+                          cwd=ws, env=env(ws), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(ws / "metrics" / "sweep" / "experiments.csv")
+    assert set(table["rank"]) == {2, 4, 8, 16}  # the baseline, exp run and the queue
+    by_rank = table.groupby("rank")["trainable"].first()
+    assert by_rank.is_monotonic_increasing and by_rank.is_unique
+    assert "| 16 |" in (ws / "metrics" / "sweep" / "by_rank.md").read_text()
+    png = ws / "metrics" / "sweep" / "accuracy_vs_rank.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_push_then_a_second_clone_pulls_and_runs_no_stage(pipeline, tmp_path):

@@ -42,6 +42,21 @@ def _download_model(args: argparse.Namespace) -> None:
         print(f"{args.dest}/{name}: {got['bytes']:,} bytes, sha256 {got['sha256']}")
 
 
+def _sweep_report(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from .sweep import experiments, markdown, write_report
+
+    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(f"`dvc exp show --json` failed: {proc.stderr.strip()[-500:]}")
+    df = experiments(json.loads(proc.stdout))
+    write_report(df, args.out)
+    print(markdown(df))
+    print(f"wrote {args.out}/experiments.csv, by_rank.md, accuracy_vs_rank.png")
+
+
 def _read_messages(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The messages and, for error messages, where each came from."""
     if args.file and args.texts:
@@ -144,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=DownloadParams.timeout)
     d.add_argument("--retries", type=int, default=DownloadParams.retries)
     d.set_defaults(func=_download_model)
+
+    r = sub.add_parser("sweep-report", help="table and plot of test accuracy and trainable "
+                                            "parameters against LoRA rank, from "
+                                            "`dvc exp show`")
+    r.add_argument("--out", type=Path, default=Paths().metrics_dir / "sweep")
+    r.add_argument("--all-commits", action="store_true",
+                   help="experiments of every commit, not only those of HEAD")
+    r.set_defaults(func=_sweep_report)
 
     p = sub.add_parser("predict", help="classify messages with a trained adapter")
     p.add_argument("texts", nargs="*", help="messages; '-' reads one a line from stdin")

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from .fileio import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +37,7 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
         top.set_xticklabels([f"{int(n):,}" for n in history["examples_seen"]])
         top.set_xlabel("Examples seen")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(counts: dict[str, int], path: Path) -> None:
@@ -55,7 +55,7 @@ def plot_confusion(counts: dict[str, int], path: Path) -> None:
     ax.set_ylabel("Actual")
     ax.set_title("Test confusion matrix")
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_roc(roc: pd.DataFrame, auc: float | None, path: Path) -> None:
@@ -67,4 +67,4 @@ def plot_roc(roc: pd.DataFrame, auc: float | None, path: Path) -> None:
     ax.set_ylabel("True positive rate (spam recall)")
     ax.set_title("Test ROC curve")
     ax.legend(loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)

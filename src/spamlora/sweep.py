@@ -1,0 +1,93 @@
+"""Compare the experiments of a sweep (e.g. `make sweep`: LoRA rank x seed) from
+`dvc exp show --json`: one table and one plot of test accuracy and trainable parameters
+against rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .fileio import atomic_path
+
+COLUMNS = ["experiment", "rev", "rank", "seed", "test_accuracy", "test_f1", "trainable"]
+
+
+def experiments(exp_show: list[dict]) -> pd.DataFrame:
+    """One row per finished experiment (and the workspace/baseline) with metrics."""
+    rows, seen = [], set()
+
+    def add(rev: dict) -> None:
+        data = rev.get("data") or {}
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        metrics = data.get("metrics") or {}
+        test = (metrics.get("metrics/eval.json") or {}).get("data", {}).get("test")
+        train = (metrics.get("metrics/train.json") or {}).get("data", {})
+        key = data.get("rev") or rev.get("rev")
+        if not test or key in seen or rev.get("error"):
+            return
+        seen.add(key)
+        rows.append({"experiment": rev.get("name") or str(key)[:7], "rev": key,
+                     "rank": params["lora"]["rank"], "seed": params["train"]["seed"],
+                     "test_accuracy": test["accuracy"], "test_f1": test["f1"],
+                     "trainable": train.get("parameters", {}).get("trainable")})
+
+    for entry in exp_show:
+        if entry.get("rev") == "workspace":
+            continue  # the same results as one of the experiments or the baseline
+        add(entry)
+        for experiment in entry.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                add(rev)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def by_rank(df: pd.DataFrame) -> pd.DataFrame:
+    return (df.groupby("rank")
+            .agg(runs=("test_accuracy", "size"), accuracy_mean=("test_accuracy", "mean"),
+                 accuracy_min=("test_accuracy", "min"),
+                 accuracy_max=("test_accuracy", "max"), trainable=("trainable", "first"))
+            .reset_index())
+
+
+def markdown(df: pd.DataFrame) -> str:
+    lines = ["| LoRA rank | runs | test accuracy (mean) | min | max | trainable params |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in by_rank(df).itertuples():
+        trainable = f"{int(r.trainable):,}" if pd.notna(r.trainable) else "?"
+        lines.append(f"| {r.rank} | {r.runs} | {r.accuracy_mean:.4f} | {r.accuracy_min:.4f} "
+                     f"| {r.accuracy_max:.4f} | {trainable} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    from .plots import plt, save_figure
+
+    summary = by_rank(df)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(df["rank"], df["test_accuracy"], alpha=0.5, label="runs")
+    ax.plot(summary["rank"], summary["accuracy_mean"], "o-", label="mean test accuracy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(summary["rank"], [str(r) for r in summary["rank"]])
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("Test accuracy")
+    params_ax = ax.twinx()
+    params_ax.plot(summary["rank"], summary["trainable"], "s--", color="tab:red",
+                   label="trainable parameters")
+    params_ax.set_ylabel("Trainable parameters")
+    handles = ax.get_legend_handles_labels()[0] + params_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower right")
+    ax.set_title("Sweep: test accuracy and size against LoRA rank")
+    save_figure(fig, path)
+
+
+def write_report(df: pd.DataFrame, out_dir: Path) -> None:
+    if df.empty:
+        from .errors import SpamloraError
+
+        raise SpamloraError("no finished experiment with test metrics in `dvc exp show`")
+    with atomic_path(out_dir / "experiments.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "by_rank.md") as tmp:
+        tmp.write_text(markdown(df), encoding="utf-8")
+    plot(df, out_dir / "accuracy_vs_rank.png")
