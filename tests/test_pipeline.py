@@ -116,6 +116,12 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     exp_run = next(r for r in runs if r.data.params["lora.rank"] == "4")
     assert exp_run.data.tags.get("dvc.exp_name")
 
+    # The workspace now holds the rank-4 results: compare them with the baseline commit.
+    diff = json.loads(dvc(ws, "metrics", "diff", "--json"))
+    assert "metrics/train.json" in diff or "metrics/eval.json" in diff
+    dvc(ws, "plots", "diff", "HEAD", "--out", str(ws / ".plots-diff"))
+    assert (ws / ".plots-diff" / "index.html").is_file()
+
 
 def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     ws, _, _ = pipeline
