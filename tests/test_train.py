@@ -98,9 +98,10 @@ def test_training_order_is_seeded_grouped_and_covers_every_example():
 
 def test_collate_rounds_the_width_up_but_never_past_the_context():
     rows = [[7] * 5, [9] * 3]
-    b = batching.collate(rows, [1, 0], pad_id=0)
-    assert b.ids.shape == (2, batching.PAD_MULTIPLE)
+    assert batching.collate(rows, [1, 0], pad_id=0).ids.shape == (2, 5)  # exact
+    b = batching.collate(rows, [1, 0], pad_id=0, multiple=8)
+    assert b.ids.shape == (2, 8)
     assert b.lengths.tolist() == [3, 5] and b.index.tolist() == [1, 0]
     assert b.ids[0].tolist() == [9, 9, 9] + [0] * 5
-    assert batching.collate([[1] * 10], [0], 0, max_width=12).ids.shape == (1, 12)
+    assert batching.collate([[1] * 10], [0], 0, multiple=8, max_width=12).ids.shape == (1, 12)
     assert batching.collate([[1] * 10], [0], 0, pad_to=20).ids.shape == (1, 20)

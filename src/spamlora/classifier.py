@@ -222,8 +222,7 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     out = np.zeros((len(token_ids), model.out_head.out_features), dtype=np.float32)
     order = batching.inference_order([len(t) for t in token_ids], batch_size)
     with autocast(device, dtype):
-        for batch in batching.batches(token_ids, order, pad_id,
-                                      max_width=model.cfg.context_length):
+        for batch in batching.batches(token_ids, order, pad_id):
             b = batch.to(device)
             out[batch.index.numpy()] = model(b.ids, b.lengths).float().cpu().numpy()
     model.train(was_training)

@@ -94,7 +94,7 @@ def train_classifier(
             share = index[rank::world]
             weight = 1.0 if share else 0.0
             batch = batching.collate(train_ids, share or index[:1], pad_id, pad_to,
-                                     max_length).to(device)
+                                     batching.PAD_MULTIPLE, max_length).to(device)
             labels = labels_all[batch.index].to(device)
             with autocast(device, dtype), training_attention(device):
                 logits = net(batch.ids, batch.lengths)
