@@ -75,7 +75,8 @@ def test_adapter_round_trip_gives_identical_predictions(tiny_gpt2, trained_like,
 
 def test_batching_and_padding_do_not_change_predictions(trained_like):
     rng = np.random.default_rng(0)
-    ids = [rng.integers(1, 300, size=n).tolist() for n in rng.integers(1, 60, size=40)]
+    vocab = trained_like.cfg.vocab_size
+    ids = [rng.integers(1, vocab, size=n).tolist() for n in rng.integers(1, 60, size=40)]
     one_by_one = predict_logits(trained_like, ids, 0, 1, torch.device("cpu"))
     for batch_size in (3, 16, 64):
         np.testing.assert_allclose(

@@ -115,7 +115,7 @@ def test_batching_does_not_change_probabilities(capsys, adapter, tiny_gpt2):
 
 def test_stdin_and_truncation_warning(capsys, adapter, tiny_gpt2, monkeypatch):
     long = "this message is far longer than twelve tokens, so it will be cut short " * 3
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{MESSAGES[0]}\n{long}\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"ok\n{long}\n"))
     code, out, err = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "-")
     assert code == 0 and len(out.splitlines()) == 2
     assert "<stdin>, line 2 is longer than 12 tokens and was truncated" in err
