@@ -82,6 +82,13 @@ def test_presets_and_custom_sizes():
         GPTConfig.preset("gpt5")
 
 
+def test_public_entry_point():
+    import spamlora
+    from spamlora import weights
+
+    assert spamlora.load_gpt2 is weights.load_gpt2
+
+
 def test_output_head_is_tied_to_token_embedding(tiny_gpt2):
     model = load_gpt2(tiny_gpt2)
     assert model.out_head.weight is model.tok_emb.weight

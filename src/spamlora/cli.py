@@ -1,4 +1,4 @@
-"""`spamlora summary` and `spamlora predict`."""
+"""The `spamlora` command: summary, predict, download-model, sweep-report."""
 
 from __future__ import annotations
 
