@@ -17,7 +17,6 @@ import json
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,11 +88,9 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 # --- cases, each run in a child process ---------------------------------------------------
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
-    import torch
 
-    from spamlora.batching import encode
-    from spamlora.classifier import (AdapterSpec, build_classifier, resolve_device,
-                                     resolve_precision)
+    from spamlora.batching import encode, truncate
+    from spamlora.classifier import AdapterSpec, build_classifier, resolve_device, resolve_precision
     from spamlora.config import TrainParams
     from spamlora.tokenizer import Tokenizer
     from spamlora.train import train_classifier
@@ -107,9 +104,9 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
     dtype = resolve_precision(params.precision, device)
-    max_length = min(max(len(t) for t in tokenizer.encode_batch(train["text"].tolist())),
-                     base.cfg.context_length)
-    train_ids, _ = encode(tokenizer, train["text"].tolist(), max_length)
+    train_ids, _ = encode(tokenizer, train["text"].tolist(), None)
+    max_length = min(max(map(len, train_ids)), base.cfg.context_length)
+    train_ids, _ = truncate(train_ids, max_length)
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
     spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=max_length,
                        pad_id=tokenizer.pad_id)

@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 
 from spamlora import distributed, stage, tracking
-from spamlora.batching import encode
+from spamlora.batching import encode, truncate
 from spamlora.classifier import (
     AdapterSpec,
     build_classifier,
@@ -49,9 +49,10 @@ def main(params: Params) -> None:
         base = load_gpt2(paths.base_model)
         train_df = read_labelled_csv(paths.split("train"))
         val_df = read_labelled_csv(paths.split("validation"))
-        longest = max(len(t) for t in tokenizer.encode_batch(train_df["text"].tolist()))
+        train_ids, _ = encode(tokenizer, train_df["text"].tolist(), None)
+        longest = max(map(len, train_ids))
         max_length = min(tp.max_length or longest, base.cfg.context_length)
-        train_ids, cut = encode(tokenizer, train_df["text"].tolist(), max_length)
+        train_ids, cut = truncate(train_ids, max_length)
         val_ids, val_cut = encode(tokenizer, val_df["text"].tolist(), max_length)
         if (cut or val_cut) and main_process:
             print(f"warning: {len(cut)} training and {len(val_cut)} validation messages "

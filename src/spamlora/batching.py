@@ -35,15 +35,21 @@ class Batch:
                      self.lengths.to(device, non_blocking=True), self.index)
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]],
-                                                                       list[int]]:
-    """Token ids of every text cut to `max_length`, and the positions of those cut."""
+def truncate(ids: list[list[int]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Every sequence cut to `max_length`, and the positions of those cut."""
+    cut = [i for i, seq in enumerate(ids) if len(seq) > max_length]
+    return [seq[:max_length] for seq in ids], cut
+
+
+def encode(tokenizer, texts: Sequence[str],
+           max_length: int | None) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every text cut to `max_length` (None: not cut), and the positions of
+    those cut."""
     ids = tokenizer.encode_batch(list(texts))
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"message(s) at position(s) {empty[:10]} encode to no tokens")
-    truncated = [i for i, seq in enumerate(ids) if len(seq) > max_length]
-    return [seq[:max_length] for seq in ids], truncated
+    return (ids, []) if max_length is None else truncate(ids, max_length)
 
 
 def collate(token_ids: Sequence[Sequence[int]], index: Sequence[int], pad_id: int,
