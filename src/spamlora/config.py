@@ -17,10 +17,11 @@ from urllib.parse import urlparse
 import yaml
 
 from .errors import SpamloraError
+from .lora import TARGET_MODULES
 from .model import PRESETS
 
 URL_SCHEMES = ("http", "https", "file")
-LORA_TARGETS = ("query", "key", "value", "attn_out", "mlp_fc", "mlp_proj")
+LORA_TARGETS = tuple(TARGET_MODULES)
 
 
 class ParamsError(SpamloraError, ValueError):
