@@ -24,13 +24,15 @@ def main(params: Params) -> None:
         for name in SPLITS:
             df = read_labelled_csv(paths.split(name))
             logits, _ = predictor.logits(df["text"].tolist())
-            labels = df["label"].to_numpy()
-            results[name] = classification_metrics(labels, logits)
+            results[name] = classification_metrics(df["label"].to_numpy(), logits)
             mlflow.log_metrics({f"{name}.{k}": v for k, v in results[name].items()
                                 if isinstance(v, float)})
-        spam_prob = softmax(logits)[:, 1]  # the test split: last of SPLITS
+            if name == "test":
+                test_df, test_logits = df, logits
+        labels = test_df["label"].to_numpy()
+        spam_prob = softmax(test_logits.astype(np.float64))[:, 1]
         predicted = (spam_prob >= 0.5).astype(int)
-        write_csv(pd.DataFrame({"id": df["id"], "label": labels, "predicted": predicted,
+        write_csv(pd.DataFrame({"id": test_df["id"], "label": labels, "predicted": predicted,
                                 "spam_probability": spam_prob}), paths.test_predictions)
         write_csv(pd.DataFrame({"actual": LABEL_NAMES[labels],
                                 "predicted": LABEL_NAMES[predicted]}),
