@@ -129,14 +129,17 @@ def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     dvc(ws, "exp", "run", "--queue", "-S", "lora.rank=16")
     # One thread per worker: two 2-thread trainings on 2 cores thrash ~10x slower.
     worker_env = {**env(ws), "OMP_NUM_THREADS": "1"}
+    # Not captured: the workers it leaves running would hold the pipes open.
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=ws,
-                   env=worker_env, check=True, capture_output=True)
+                   env=worker_env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         status = dvc(ws, "queue", "status")
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
+    dvc(ws, "queue", "stop")  # no idle worker outlives the test
     assert status.count("Success") == 2, status
     _, runs = mlflow_runs(ws)
     ranks = sorted(int(r.data.params["lora.rank"]) for r in runs)
