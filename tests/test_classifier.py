@@ -4,15 +4,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from spamlora.classifier import (
     AdapterError,
     AdapterSpec,
+    PackedLinear,
     add_lora,
     build_classifier,
     count_parameters,
     format_summary,
     load_classifier,
+    merged_for_inference,
     parameter_counts,
     predict_logits,
     read_adapter,
@@ -104,3 +107,30 @@ def test_adapter_errors(tiny_gpt2, trained_like, tmp_path):
               metadata=tiny_spec(trained_like).to_metadata())
     with pytest.raises(AdapterError, match=r"'out_head\.weight' has shape \(3, 32\)"):
         load_classifier(tiny_gpt2, tmp_path / "shape.safetensors")
+
+
+@pytest.mark.parametrize("rows", [1, 30, PackedLinear.PACKED_MAX_ROWS + 1])
+def test_packed_linear_computes_what_autocast_computes(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear(x)
+        got = packed(x)
+        got_3d = packed(x.view(1, rows, 64))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_3d, want.view(1, rows, 96), atol=1e-2, rtol=1e-2)
+
+
+def test_merged_bf16_inference_agrees_with_the_trained_model(trained_like):
+    rng = np.random.default_rng(0)
+    vocab = trained_like.cfg.vocab_size
+    ids = [rng.integers(1, vocab, size=n).tolist() for n in rng.integers(1, 30, size=12)]
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    want = predict_logits(trained_like, ids, 0, 4, cpu, bf16)
+    merged = merged_for_inference(trained_like, bf16)
+    assert any(isinstance(m, PackedLinear) for m in merged.modules())
+    got = predict_logits(merged, ids, 0, 4, cpu, bf16)
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=0)

@@ -229,10 +229,53 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     return out
 
 
+class PackedLinear(nn.Module):
+    """A frozen bf16 Linear for CPU inference that also keeps its weight pre-packed in
+    oneDNN's blocked layout. A plain weight is re-laid-out inside every oneDNN call; for
+    the few rows of a message or a short batch that costs as much as the product itself
+    (measured: 73 GEMMs of one 30-token message 17 → 11 ms, same values). From a few
+    hundred rows on, oneDNN's plain path is the faster one, so larger inputs take it."""
+
+    PACKED_MAX_ROWS = 256
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.PACKED_MAX_ROWS * x.shape[-1]:
+            return self.linear(x)
+        # Cast as autocast would for the Linear: the result is the same bf16 product.
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.linear.weight.dtype),
+                                                  self.packed_weight, self.linear.bias,
+                                                  "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Every bf16 CPU Linear of a frozen `model` replaced by a `PackedLinear`, in place;
+    a no-op where oneDNN cannot pack (another device, dtype or build)."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
+               and module.weight.dtype == torch.bfloat16]
+    if not targets or not torch.backends.mkldnn.is_available():
+        return model
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        try:
+            packed = PackedLinear(linear)
+        except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+            return model
+        model.get_submodule(parent_name).register_module(child, packed)
+    return model
+
+
 def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
     """LoRA folded into the base weights (in fp32, then stored in the compute `dtype`):
-    inference then costs what the base model costs."""
-    return cast_frozen_linears(freeze(merge(model)), dtype).eval()
+    inference then costs what the base model costs. bf16 weights on CPU are also
+    pre-packed for oneDNN (`PackedLinear`)."""
+    return pack_linears(cast_frozen_linears(freeze(merge(model)), dtype)).eval()
 
 
 @dataclass(frozen=True)
