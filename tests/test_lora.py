@@ -111,3 +111,58 @@ def test_dropout_applies_only_to_the_lora_branch_in_training():
     assert not torch.equal(wrapped(x), wrapped(x))
     wrapped.eval()
     assert torch.equal(wrapped(x), wrapped(x))
+
+
+def _separately_and_together(layers, x):
+    """Outputs and input/parameter gradients of `layers` on `x`, called one by one and
+    through `model.project` (the fused path attention uses for Q, K and V), each from the
+    same random state (dropout)."""
+    from spamlora.model import project
+
+    results = []
+    for run in (lambda x: [layer(x) for layer in layers], lambda x: project(x, layers)):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        for p in (p for layer in layers for p in layer.parameters()):
+            p.grad = None
+        outs = run(xi)
+        sum((o * torch.arange(o.numel()).view(o.shape).sin()).sum() for o in outs).backward()
+        grads = [torch.zeros(0) if p.grad is None else p.grad.clone()
+                 for layer in layers for p in layer.parameters() if p.requires_grad]
+        results.append((outs, xi.grad, grads))
+    return results
+
+
+@pytest.mark.parametrize("adapted", [(True, True, True), (True, False, True),
+                                     (False, True, False)])
+def test_projecting_together_equals_calling_each_layer(adapted):
+    torch.manual_seed(0)
+    layers = []
+    for i, on in enumerate(adapted):
+        linear = nn.Linear(12, 6 + 2 * i).requires_grad_(False)
+        if on:
+            linear = LinearWithLoRA(linear, rank=2 + i, alpha=3.0 + i)
+            nn.init.normal_(linear.lora.B)
+        layers.append(linear)
+    (want, want_dx, want_grads), (got, got_dx, got_grads) = _separately_and_together(
+        layers, torch.randn(2, 5, 12))
+    for g, w in zip(got + [got_dx] + got_grads, want + [want_dx] + want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert len(got_grads) == 2 * sum(adapted)
+
+
+def test_projecting_together_keeps_dropout_and_merged_layers_exact():
+    torch.manual_seed(0)
+    layers = [LinearWithLoRA(nn.Linear(8, 8).requires_grad_(False), 2, 4.0, dropout=0.5)
+              for _ in range(3)]
+    for layer in layers:
+        nn.init.normal_(layer.lora.B)
+    x = torch.randn(3, 8)
+    (want, *_), (got, *_) = _separately_and_together(layers, x)  # masks in layer order
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(want[0], layers[0].linear(x))  # dropout did change something
+    layers[1].merge()
+    (want, *_), (got, *_) = _separately_and_together([layer.eval() for layer in layers], x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

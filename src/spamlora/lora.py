@@ -11,6 +11,7 @@ update so that changing ``r`` needs little retuning of the learning rate (sectio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -83,13 +84,38 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        if self.merged:
+        return self.add_updates(x, [self], self.linear(x))
+
+    @staticmethod
+    def add_updates(x: torch.Tensor, layers: Sequence[nn.Module],
+                    y: torch.Tensor) -> torch.Tensor:
+        """`y`, the frozen outputs of `layers` for the same input `x` side by side, plus
+        the update of every unmerged `LinearWithLoRA` among them. `model.project` calls it
+        for Q, K and V: their rank-r products then run as one rank-3r product,
+        ``x @ [A_q A_k A_v]``, and one GEMM with the block diagonal of the B matrices that
+        accumulates into `y`. Each layer's update is exactly its own, as if called alone."""
+        adapted = [isinstance(layer, LinearWithLoRA) and not layer.merged for layer in layers]
+        if not any(adapted):
             return y
-        # y + down(x) @ B as one GEMM that accumulates into y: no extra pass over y.
-        h = self.lora.down(x)
+        loras = [layer.lora for layer, on in zip(layers, adapted, strict=True) if on]
+        if len(loras) == 1:
+            h = loras[0].down(x)
+        elif all(isinstance(lora.dropout, nn.Identity) for lora in loras):
+            scaling = torch.cat([torch.full((lora.rank,), lora.scaling, device=x.device)
+                                 for lora in loras])
+            h = x @ torch.cat([lora.A for lora in loras], dim=1) * scaling
+        else:  # each layer draws its own dropout mask
+            h = torch.cat([lora.down(x) for lora in loras], dim=-1)
+        if len(layers) == 1:
+            B = loras[0].B
+        else:  # a layer without an update owns columns of y but no rows of B
+            B = torch.block_diag(*(
+                layer.lora.B if on else
+                loras[0].B.new_zeros(0, getattr(layer, "linear", layer).out_features)
+                for layer, on in zip(layers, adapted, strict=True)))
+        # y + h @ B as one GEMM that accumulates into y: no extra pass over y.
         return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
-                           self.lora.B).view(y.shape)
+                           B).view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
