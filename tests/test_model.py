@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from spamlora.model import GPTConfig, GPTModel
+from spamlora.model import GPTConfig, GPTModel, side_by_side
 from spamlora.tokenizer import Tokenizer
 from spamlora.weights import load_gpt2
 
@@ -101,3 +101,27 @@ def test_dropout_is_configurable_and_off_by_default(tiny_gpt2):
     assert not torch.equal(model(ids), model(ids))  # dropout active in training
     model.eval()
     assert torch.equal(model(ids), model(ids))
+
+
+def test_qkv_stored_together_is_read_without_a_copy_and_changes_nothing():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=32, n_layers=2, n_heads=4)
+    model = GPTModel(cfg).eval().requires_grad_(False)
+    idx = torch.randint(0, 50, (3, 10))
+    before = model(idx)
+    att = model.trf_blocks[0].att
+    qkv = [att.W_query.weight, att.W_key.weight, att.W_value.weight]
+    assert side_by_side(qkv).data_ptr() != qkv[0].data_ptr()  # separate tensors: a copy
+    model.store_qkv_together()
+    qkv = [att.W_query.weight, att.W_key.weight, att.W_value.weight]
+    joint = side_by_side(qkv)
+    assert joint.data_ptr() == qkv[0].data_ptr() and joint.shape == (96, 32)
+    torch.testing.assert_close(joint, torch.cat(qkv), rtol=0, atol=0)
+    torch.testing.assert_close(model(idx), before, rtol=0, atol=0)
+    assert side_by_side(qkv[1:]).data_ptr() == qkv[1].data_ptr()
+    # Not one after another, or trainable: concatenated as usual.
+    torch.testing.assert_close(side_by_side([qkv[2], qkv[0]]), torch.cat([qkv[2], qkv[0]]))
+    qkv[0].requires_grad_(True)
+    assert side_by_side(qkv).data_ptr() != qkv[0].data_ptr()
+    model.double()  # new storage for every parameter: still correct
+    torch.testing.assert_close(model(idx).float(), before, rtol=1e-5, atol=1e-5)

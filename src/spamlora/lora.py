@@ -84,16 +84,18 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_updates(x, [self], self.linear(x))
+        rows = x.reshape(-1, x.shape[-1])
+        return self.add_updates(rows, [self], self.linear(rows)).view(*x.shape[:-1], -1)
 
     @staticmethod
     def add_updates(x: torch.Tensor, layers: Sequence[nn.Module],
                     y: torch.Tensor) -> torch.Tensor:
-        """`y`, the frozen outputs of `layers` for the same input `x` side by side, plus
-        the update of every unmerged `LinearWithLoRA` among them. `model.project` calls it
-        for Q, K and V: their rank-r products then run as one rank-3r product,
-        ``x @ [A_q A_k A_v]``, and one GEMM with the block diagonal of the B matrices that
-        accumulates into `y`. Each layer's update is exactly its own, as if called alone."""
+        """`y`, the frozen outputs of `layers` for the same rows `x` side by side (both 2-D,
+        `y` a tensor of its own, not a view), plus the update of every unmerged
+        `LinearWithLoRA` among them, added in place. `model.project` calls it for Q, K and
+        V: their rank-r products then run as one rank-3r product, ``x @ [A_q A_k A_v]``,
+        and one GEMM with the block diagonal of the B matrices that accumulates into `y`.
+        Each layer's update is exactly its own, as if called alone."""
         adapted = [isinstance(layer, LinearWithLoRA) and not layer.merged for layer in layers]
         if not any(adapted):
             return y
@@ -113,9 +115,11 @@ class LinearWithLoRA(nn.Module):
                 layer.lora.B if on else
                 loras[0].B.new_zeros(0, getattr(layer, "linear", layer).out_features)
                 for layer, on in zip(layers, adapted, strict=True)))
-        # y + h @ B as one GEMM that accumulates into y: no extra pass over y.
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
-                           B).view(y.shape)
+        # h @ B accumulated into y by the GEMM itself, in place: no extra pass over y and
+        # no second buffer of its size. Autograd allows it (the product that made y does
+        # not keep y), and as y is no view, its backward copies nothing. In-place ops
+        # escape autocast: cast here.
+        return y.addmm_(h.to(y.dtype), B.to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:

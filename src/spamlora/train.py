@@ -69,7 +69,7 @@ def train_classifier(
     size, so the averaged gradient is that of the whole batch, as with one process."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
-    cast_frozen_linears(model.to(device), dtype)
+    cast_frozen_linears(model.to(device), dtype).store_qkv_together()
     rank, world = distributed.rank_and_world()
     net = model
     if world > 1:
