@@ -29,4 +29,5 @@ def test_benchmark_smoke_run(tmp_path):
     assert results["inference"]["predict_messages"] == 48
     assert set(results["bf16-vs-fp32"]["max_abs_diff"]) == {"train_loss", "val_loss",
                                                            "val_accuracy"}
+    assert isinstance(results["bf16-vs-fp32"]["within_tolerance"], bool)
     assert set(report["summary"]) == {"speedup_vs_peer-default", "speedup_vs_peer-tuned"}
