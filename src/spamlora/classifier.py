@@ -198,7 +198,7 @@ def training_attention(device: torch.device):
     return contextlib.nullcontext()
 
 
-def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_frozen_linears(model: GPTModel, dtype: torch.dtype) -> GPTModel:
     """Store every frozen Linear in `dtype`, in place. Under bf16 autocast a Linear's
     weight and bias are cast to bf16 at every call anyway, so this changes no result and
     saves that copy on every step and half the weights' memory. Trainable parameters
@@ -274,8 +274,9 @@ def pack_linears(model: nn.Module) -> nn.Module:
 def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
     """LoRA folded into the base weights (in fp32, then stored in the compute `dtype`):
     inference then costs what the base model costs. bf16 weights on CPU are also
-    pre-packed for oneDNN (`PackedLinear`)."""
-    return pack_linears(cast_frozen_linears(freeze(merge(model)), dtype)).eval()
+    pre-packed for oneDNN (`PackedLinear`); elsewhere Q, K and V are read as one matrix."""
+    model = cast_frozen_linears(freeze(merge(model)), dtype).store_qkv_together()
+    return pack_linears(model).eval()
 
 
 @dataclass(frozen=True)
