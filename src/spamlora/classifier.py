@@ -8,6 +8,7 @@ public base model: base config, LoRA settings, number of classes, max length.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import batching
 from .errors import SpamloraError
 from .fileio import atomic_path
-from .lora import TARGET_MODULES, merge, replace_linear_with_lora
+from .lora import merge, replace_linear_with_lora
 from .model import GPTConfig, GPTModel
+from .presets import TARGET_MODULES
 from .weights import CONFIG_FILE, WeightsError, load_gpt2
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
@@ -224,7 +226,7 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     with autocast(device, dtype):
         for batch in batching.batches(token_ids, order, pad_id):
             b = batch.to(device)
-            out[batch.index.numpy()] = model(b.ids, b.lengths).float().cpu().numpy()
+            out[batch.index.numpy()] = b.logits(model).float().cpu().numpy()
     model.train(was_training)
     return out
 
@@ -253,21 +255,30 @@ class PackedLinear(nn.Module):
                                                   "none", [], "")
 
 
+@functools.cache
+def can_pack_bf16() -> bool:
+    """Whether this torch build and CPU pre-pack bf16 weights for oneDNN (it needs
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT; plain AVX2 CPUs cannot)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 def pack_linears(model: nn.Module) -> nn.Module:
     """Every bf16 CPU Linear of a frozen `model` replaced by a `PackedLinear`, in place;
-    a no-op where oneDNN cannot pack (another device, dtype or build)."""
+    a no-op where oneDNN cannot pack (another device, dtype, build or CPU)."""
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
                and module.weight.dtype == torch.bfloat16]
-    if not targets or not torch.backends.mkldnn.is_available():
+    if not targets or not can_pack_bf16():
         return model
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        try:
-            packed = PackedLinear(linear)
-        except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
-            return model
-        model.get_submodule(parent_name).register_module(child, packed)
+        model.get_submodule(parent_name).register_module(child, PackedLinear(linear))
     return model
 
 
