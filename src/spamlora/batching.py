@@ -1,10 +1,16 @@
 """The one batching path for training, evaluation and prediction.
 
-Messages are right-padded with the tokenizer's `<|endoftext|>` id and carry their real
-lengths; the classifier reads each message's last real token, which under causal
-attention never sees the padding, so a prediction does not depend on its batch. That
-makes dynamic padding exact: GPT-2 tokens per SMS average ~30 (max ~120), and padding
-every batch to the longest message would compute ~4x the real tokens.
+A batch is token ids in rows plus where each message lies in them. Two layouts, both
+exact per message (the classifier reads each message's last token, which sees only its
+own message):
+- padded: one message a row, right-padded with the tokenizer's `<|endoftext|>` id to the
+  batch's longest; causal attention keeps the padding out of every real token's view.
+- packed (training's default): the messages laid end to end in one row (more only when
+  they would pass the model's context), attention block-diagonal within each message,
+  positions restarting at 0 (`model.Packing`). No padding between messages, so a batch
+  drawn at random, whatever its mix of lengths, computes only its real tokens.
+GPT-2 tokens per SMS average ~30 (max ~120): padding every batch to the longest message
+would compute ~4x the real tokens, padding random batches to their own longest ~1.8x.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .model import Packing
 
 # Training batches are drawn from windows of this many batches sorted by length: similar
 # lengths share a batch, yet the order of batches and their members stays random.
@@ -26,13 +34,19 @@ PAD_MULTIPLE = 8
 
 @dataclass
 class Batch:
-    ids: torch.Tensor  # (batch, seq) token ids, right-padded
-    lengths: torch.Tensor  # (batch,) real tokens per row
-    index: torch.Tensor  # (batch,) positions of the rows in the input list
+    ids: torch.Tensor  # (rows, width) token ids
+    lengths: torch.Tensor  # (messages,) tokens per message
+    index: torch.Tensor  # (messages,) positions of the messages in the input list
+    packing: Packing | None = None  # None: one message a row, right-padded
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.ids.to(device, non_blocking=True),
-                     self.lengths.to(device, non_blocking=True), self.index)
+                     self.lengths.to(device, non_blocking=True), self.index,
+                     None if self.packing is None else self.packing.to(device))
+
+    def logits(self, model) -> torch.Tensor:
+        """The model's logits for each message, (messages, classes), in `index` order."""
+        return model(self.ids, self.lengths, self.packing)
 
 
 def truncate(ids: list[list[int]], max_length: int) -> tuple[list[list[int]], list[int]]:
@@ -70,11 +84,37 @@ def collate(token_ids: Sequence[Sequence[int]], index: Sequence[int], pad_id: in
                  torch.tensor(list(index), dtype=torch.long))
 
 
+def pack(token_ids: Sequence[Sequence[int]], index: Sequence[int], pad_id: int,
+         max_width: int, multiple: int = 1) -> Batch:
+    """Rows `index` of `token_ids` laid end to end, in order, in as few rows of at most
+    `max_width` tokens as that takes (one for SMS-sized batches); the width is the fullest
+    row's, rounded up to `multiple` (never past `max_width`)."""
+    lengths = [len(token_ids[i]) for i in index]
+    if max(lengths) > max_width:
+        raise ValueError(f"a message of {max(lengths)} tokens does not fit in rows of "
+                         f"{max_width}")
+    rows, starts, fill = [], [], [0]
+    for n in lengths:
+        if fill[-1] + n > max_width:
+            fill.append(0)
+        rows.append(len(fill) - 1)
+        starts.append(fill[-1])
+        fill[-1] += n
+    width = min(-(-max(fill) // multiple) * multiple, max_width)
+    ids = torch.full((len(fill), width), pad_id, dtype=torch.long)
+    for i, row, start, n in zip(index, rows, starts, lengths, strict=True):
+        ids[row, start: start + n] = torch.tensor(token_ids[i], dtype=torch.long)
+    return Batch(ids, torch.tensor(lengths, dtype=torch.long),
+                 torch.tensor(list(index), dtype=torch.long),
+                 Packing.build(rows, starts, lengths, len(fill), width))
+
+
 def training_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
                    group_by_length: bool) -> list[list[int]]:
-    """The batches of one epoch as lists of positions: a seeded shuffle, and with
-    `group_by_length` each window of batches sorted by length before it is cut, then the
-    batches shuffled again so long and short ones alternate randomly."""
+    """The batches of one epoch as lists of positions: a seeded shuffle, cut in order
+    (the textbook recipe's random batches), or with `group_by_length` each window of
+    batches sorted by length before it is cut, then the batches shuffled again so long
+    and short ones alternate randomly."""
     order = torch.randperm(len(lengths), generator=generator).tolist()
     if not group_by_length:
         return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

@@ -108,8 +108,10 @@ class TrainParams:
     max_length: int | None = None  # None: longest training message, capped at the context
     device: str = "auto"  # auto: cuda, then mps, then cpu
     precision: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
-    padding: str = "batch"  # batch: pad to each batch's longest; max_length: pad all alike
-    group_by_length: bool = True  # draw batches from messages of similar length
+    # packed: a batch's messages end to end, no padding; batch: one a row, padded to the
+    # batch's longest; max_length: padded to max_length (the textbook way)
+    padding: str = "packed"
+    group_by_length: bool = False  # draw batches from messages of similar length
     nproc: int = 1  # processes under torchrun (DistributedDataParallel); batch is global
 
     def check(self, err) -> None:
@@ -123,7 +125,8 @@ class TrainParams:
             "device", "must be auto, cpu, cuda, cuda:N or mps")
         err(self.precision in ("auto", "fp32", "bf16"), "precision",
             "must be auto, fp32 or bf16")
-        err(self.padding in ("batch", "max_length"), "padding", "must be batch or max_length")
+        err(self.padding in ("packed", "batch", "max_length"), "padding",
+            "must be packed, batch or max_length")
         err(self.nproc >= 1, "nproc", "must be >= 1")
 
 

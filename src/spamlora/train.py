@@ -80,6 +80,7 @@ def train_classifier(
     labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
     lengths = [len(t) for t in train_ids]
     pad_to = max_length if params.padding == "max_length" else None
+    context = model.cfg.context_length
     history, step, seen = History(), 0, 0
     for epoch in range(1, params.epochs + 1):
         model.train()
@@ -93,11 +94,16 @@ def train_classifier(
             # runs a zero-weighted example: DDP needs every process in every step.
             share = index[rank::world]
             weight = 1.0 if share else 0.0
-            batch = batching.collate(train_ids, share or index[:1], pad_id, pad_to,
-                                     batching.PAD_MULTIPLE, max_length).to(device)
+            rows = share or index[:1]
+            if params.padding == "packed":
+                batch = batching.pack(train_ids, rows, pad_id, context, batching.PAD_MULTIPLE)
+            else:
+                batch = batching.collate(train_ids, rows, pad_id, pad_to,
+                                         batching.PAD_MULTIPLE, max_length)
+            batch = batch.to(device)
             labels = labels_all[batch.index].to(device)
             with autocast(device, dtype), training_attention(device):
-                logits = net(batch.ids, batch.lengths)
+                logits = batch.logits(net)
             local_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * weight
             optimizer.zero_grad(set_to_none=True)
             (local_sum * world / len(index)).backward()  # DDP averages over processes

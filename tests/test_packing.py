@@ -1,0 +1,113 @@
+"""Packed batches: per message, the same logits and gradients as running it alone, and
+the same training trajectory as padded random batches."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from spamlora import batching
+from spamlora.classifier import AdapterSpec, build_classifier
+from spamlora.config import TrainParams
+from spamlora.lora import LinearWithLoRA
+from spamlora.model import GPTConfig, GPTModel
+from spamlora.weights import load_gpt2
+
+from .test_train import run
+
+
+def classifier(folder, dropout: float = 0.0):
+    base = load_gpt2(folder)
+    spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, dropout=dropout,
+                       max_length=base.cfg.context_length, pad_id=0)
+    model = build_classifier(base, spec, seed=5)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as after training: every LoRA update non-zero
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_(std=0.2)
+    return model
+
+
+def messages(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 200, size=n).tolist() for n in lengths]
+
+
+def trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def loss_and_grads(model, batch, labels):
+    model.zero_grad(set_to_none=True)
+    logits = batch.logits(model)
+    torch.nn.functional.cross_entropy(logits, labels[batch.index], reduction="sum").backward()
+    return logits.detach(), trainable_grads(model)
+
+
+CASES = {
+    "mixed": [5, 31, 1, 17, 64, 2, 40, 9],
+    "single": [23],
+    "context length": [256, 3, 100, 12],  # tiny_gpt2's context is 256 positions
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_logits_and_gradients_equal_each_message_alone(tiny_gpt2, case):
+    model = classifier(tiny_gpt2).train()
+    ids = messages(CASES[case])
+    labels = torch.tensor([i % 2 for i in range(len(ids))])
+    index = list(range(len(ids)))
+    context = model.cfg.context_length
+    packed = batching.pack(ids, index, pad_id=0, max_width=context, multiple=8)
+    assert packed.ids.shape[1] % 8 == 0 or packed.ids.shape[1] == context
+    got, got_grads = loss_and_grads(model, packed, labels)
+
+    alone = [model(torch.tensor([seq]), torch.tensor([len(seq)])) for seq in ids]
+    torch.testing.assert_close(got, torch.cat(alone).detach(), atol=1e-5, rtol=0)
+
+    padded = batching.collate(ids, index, pad_id=0)
+    want, want_grads = loss_and_grads(model, padded, labels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert set(got_grads) == set(want_grads) and any("lora.A" in n for n in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=f"gradient of {name}")
+
+
+def test_packing_lays_messages_end_to_end_with_restarting_positions():
+    ids = [[7] * 5, [8] * 3, [9] * 6]
+    b = batching.pack(ids, [2, 0, 1], pad_id=0, max_width=12, multiple=4)
+    # 6 + 5 = 11 tokens fit the first row of 12; the third message starts a second row
+    assert b.ids.tolist() == [[9] * 6 + [7] * 5 + [0], [8] * 3 + [0] * 9]
+    assert b.packing.positions[0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0]
+    rows, cols = b.packing.last
+    assert rows.tolist() == [0, 0, 1] and cols.tolist() == [5, 10, 2]
+    assert b.index.tolist() == [2, 0, 1] and b.lengths.tolist() == [6, 5, 3]
+    mask = b.packing.mask[0]
+    assert mask[7].tolist() == [False] * 6 + [True, True] + [False] * 4  # own message only
+    assert not mask[6:, :6].any() and not mask[:6, 6:].any()  # block-diagonal
+    assert not mask[:11, 11].any()  # no message sees the padding
+    with pytest.raises(ValueError, match="does not fit"):
+        batching.pack([[1] * 13], [0], pad_id=0, max_width=12)
+
+
+def test_a_packed_message_longer_than_the_context_is_refused():
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_layers=1, n_heads=2)
+    model = GPTModel(cfg)
+    b = batching.pack([[1] * 17], [0], pad_id=0, max_width=32)
+    with pytest.raises(ValueError, match="exceeds the model's context length of 16"):
+        b.logits(model)
+
+
+def test_packed_and_padded_random_batches_follow_the_same_trajectory(tiny_gpt2):
+    params = TrainParams(epochs=2, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3,
+                         group_by_length=False)
+    packed, _ = run(tiny_gpt2, dataclasses.replace(params, padding="packed"))
+    padded, _ = run(tiny_gpt2, dataclasses.replace(params, padding="batch"))
+    assert len(packed.step_losses) == 16
+    np.testing.assert_allclose(packed.step_losses, padded.step_losses, atol=1e-4, rtol=0)
+    for a, b in zip(packed.epochs, padded.epochs, strict=True):
+        assert a.val_accuracy == b.val_accuracy
+        assert abs(a.val_loss - b.val_loss) < 1e-4
