@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -45,12 +45,27 @@ class _Retryable(Exception):
     """A failure worth trying the same source again for (network trouble, HTTP 5xx)."""
 
 
-def to_url(source: str) -> str:
-    """A URL for `source`; plain paths become `file://` URLs."""
-    scheme = urlparse(source).scheme
-    if scheme in ("http", "https", "file"):
+URL_SCHEMES = ("http", "https", "file")
+
+
+def is_url(source: str) -> bool:
+    """Whether `source` is a URL we fetch, not a local path. A Windows path's drive
+    (`C:\\mirror`) parses as a one-letter scheme: a path."""
+    return urlparse(source).scheme in URL_SCHEMES
+
+
+def to_url(source: str, flavour: type[PurePath] | None = None) -> str:
+    """A URL for `source`; plain paths become `file://` URLs (`file:///C:/...` for a
+    Windows drive path). `flavour` (e.g. `PureWindowsPath`) reads an absolute path in
+    another platform's syntax; by default it is this machine's, resolved."""
+    if is_url(source):
         return source
-    return Path(source).expanduser().resolve().as_uri()
+    if flavour is None:
+        return Path(source).expanduser().resolve().as_uri()
+    path = flavour(source)
+    if not path.is_absolute():
+        raise ValueError(f"{source!r} is not an absolute {flavour.__name__}")
+    return path.as_uri()
 
 
 def join_url(base: str, name: str) -> str:

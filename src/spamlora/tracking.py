@@ -10,14 +10,15 @@ artifacts under `<root>/mlartifacts`. `MLFLOW_TRACKING_URI` overrides it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlparse
+
+from filelock import FileLock
 
 from .errors import SpamloraError
 from .fileio import read_json, write_json
@@ -31,9 +32,15 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
+def sqlite_uri(path: PurePath) -> str:
+    """SQLAlchemy's URL of a SQLite file: `sqlite:////abs/path` on POSIX,
+    `sqlite:///C:/abs/path` on Windows (forward slashes, drive kept)."""
+    return f"sqlite:///{path.as_posix()}"
+
+
 def tracking_uri(root: Path | None = None) -> str:
     root = root or repo_root()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / STORE_FILE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(root / STORE_FILE)
 
 
 def _git_commit(cwd: Path) -> str | None:
@@ -48,13 +55,10 @@ def _git_commit(cwd: Path) -> str | None:
 @contextlib.contextmanager
 def _store_lock(root: Path) -> Iterator[None]:
     """Serialise store set-up: parallel queue workers otherwise race to create the
-    SQLite tables (an alembic migration error) and the experiment."""
-    with open(root / f"{STORE_FILE}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    SQLite tables (an alembic migration error) and the experiment. `filelock` locks the
+    same way on POSIX and Windows."""
+    with FileLock(root / f"{STORE_FILE}.lock"):
+        yield
 
 
 def _experiment_id(client, root: Path, default_store: bool) -> str:
