@@ -7,10 +7,20 @@ from spamlora.weights import fetch_model
 
 
 def main(params: Params) -> None:
-    record = fetch_model(params.model.base_url, Paths().base_model,
-                         params.download.timeout, params.download.retries)
+    model = params.model
+    expected = model.expected_sha256
+    if expected is None:
+        why = ("model.sha256 is null" if model.sha256 is None else
+               f"no checksums are pinned for {model.name} (see README: pinning a model)")
+        print(f"warning: the files are not checked: {why}; their sha256 is recorded in "
+              f"{Paths().base_model / 'download.json'}")
+    record = fetch_model(model.name, model.base_url, Paths().base_model,
+                         params.download.timeout, params.download.retries,
+                         model.resolved_revision, expected)
     for name, got in record.items():
-        print(f"{name}: {got['bytes']:,} bytes, sha256 {got['sha256']}")
+        check = "verified" if got["verified"] else "unchecked"
+        print(f"{name}: {got['bytes']:,} bytes, sha256 {got['sha256']} ({check}), "
+              f"from {got['source']}")
 
 
 if __name__ == "__main__":

@@ -158,9 +158,13 @@ def test_download_model_then_predict_with_the_adapter_alone(capsys, adapter, tin
     code, _, err = run_cli(capsys, "predict", "--adapter", str(adapter), "--weights",
                            str(dest), "x")
     assert code == 1 and "spamlora download-model --name gpt2" in err
-    code, out, _ = run_cli(capsys, "download-model", str(dest), "--url",
+    code, _, err = run_cli(capsys, "download-model", str(dest), "--url",
                            http_server.base_url + "/hub/{name}")
-    assert code == 0 and "model.safetensors" in out
+    assert code == 1 and "does not match the expected" in err  # not GPT-2's real files
+    assert not dest.exists()
+    code, out, _ = run_cli(capsys, "download-model", str(dest), "--url",
+                           http_server.base_url + "/hub/{name}", "--no-checksums")
+    assert code == 0 and "model.safetensors" in out and "unchecked" in out
     _, here, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", *MESSAGES)
     _, there, _ = predict(capsys, adapter, dest, "--format", "jsonl", *MESSAGES)
     assert there == here

@@ -20,7 +20,8 @@ def test_the_repositorys_params_are_valid_and_match_the_recipe():
     assert (params.lora.rank, params.lora.alpha, params.train.epochs) == (8, 8.0, 2)
     assert (params.train.lr, params.train.weight_decay, params.train.seed) == (8e-4, 0.1, 123)
     assert (params.data.seed, params.data.train_frac, params.data.val_frac) == (123, 0.7, 0.1)
-    assert params.model.base_url == "https://huggingface.co/openai-community/gpt2/resolve/main"
+    assert params.model.base_url == ("https://huggingface.co/openai-community/gpt2/resolve/"
+                                     "607a30d783dfa663caf39e06633721c8d4cfcd7e")
     assert params.flat()["lora.rank"] == 8
 
 

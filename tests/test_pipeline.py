@@ -32,9 +32,12 @@ def pipeline(tmp_path_factory):
         data_url = server.serve("/uci/sms+spam+collection.zip", body)
         model = make_hf_gpt2(tmp / "gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=256)
         server.serve_dir("/hub/gpt2", model)
+        pins = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in model.iterdir() if f.is_file()}
         ws = make_workspace(tmp / "ws", {
             "data.url": data_url, "data.sha256": hashlib.sha256(body).hexdigest(),
-            "model.url": server.base_url + "/hub/{name}", "train.precision": "fp32"})
+            "model.url": server.base_url + "/hub/{name}", "model.sha256": pins,
+            "train.precision": "fp32"})
         out = dvc(ws, "repro")
         yield ws, out, server
 

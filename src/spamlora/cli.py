@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
-from .model import PRESETS
 from .paths import Paths
+from .presets import PRESETS
 
 
 class UsageError(SpamloraError):
@@ -36,10 +36,14 @@ def _summary(args: argparse.Namespace) -> None:
 def _download_model(args: argparse.Namespace) -> None:
     from .weights import fetch_model
 
-    base_url = ModelParams(name=args.name, url=args.url).base_url
-    record = fetch_model(base_url, args.dest, args.timeout, args.retries)
+    model = ModelParams(name=args.name, url=args.url, revision=args.revision,
+                        sha256=None if args.no_checksums else "auto")
+    record = fetch_model(model.name, model.base_url, args.dest, args.timeout, args.retries,
+                         model.resolved_revision, model.expected_sha256)
     for name, got in record.items():
-        print(f"{args.dest}/{name}: {got['bytes']:,} bytes, sha256 {got['sha256']}")
+        check = "verified" if got["verified"] else "unchecked"
+        print(f"{args.dest / name}: {got['bytes']:,} bytes, sha256 {got['sha256']} "
+              f"({check}), from {got['source']}")
 
 
 def _sweep_report(args: argparse.Namespace) -> None:
@@ -155,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dest", type=Path)
     d.add_argument("--name", default=ModelParams.name, choices=sorted(PRESETS))
     d.add_argument("--url", default=ModelParams.url,
-                   help="base URL or local folder; {name} is replaced by --name")
+                   help="base URL or local folder; {name} and {revision} are filled in")
+    d.add_argument("--revision", default=ModelParams.revision,
+                   help="Hub commit or tag (auto: the one pinned for --name)")
+    d.add_argument("--no-checksums", action="store_true",
+                   help="do not check the files against the pinned sha256 (a mirror of "
+                        "other weights)")
     d.add_argument("--timeout", type=float, default=DownloadParams.timeout)
     d.add_argument("--retries", type=int, default=DownloadParams.retries)
     d.set_defaults(func=_download_model)

@@ -16,11 +16,11 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .download import URL_SCHEMES, is_url
 from .errors import SpamloraError
-from .lora import TARGET_MODULES
-from .model import PRESETS
+from .hub import MODEL_FILES, resolve_revision, resolve_sha256
+from .presets import PRESETS, TARGET_MODULES
 
-URL_SCHEMES = ("http", "https", "file")
 LORA_TARGETS = tuple(TARGET_MODULES)
 
 
@@ -52,9 +52,8 @@ class DataParams:
         for i, url in enumerate([self.url, *self.mirrors]):
             err(_url_ok(url), "url" if i == 0 else f"mirrors[{i - 1}]",
                 f"must be an {'/'.join(URL_SCHEMES)} URL or a local path, got {url!r}")
-        err(self.sha256 is None or (len(self.sha256) == 64 and
-                                    all(c in "0123456789abcdef" for c in self.sha256.lower())),
-            "sha256", "must be 64 hex digits or null")
+        err(self.sha256 is None or _is_sha256(self.sha256), "sha256",
+            "must be 64 hex digits or null")
         err(self.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
         err(0 < self.train_frac < 1, "train_frac", "must lie in (0, 1)")
         err(0 < self.val_frac < 1, "val_frac", "must lie in (0, 1)")
@@ -69,17 +68,40 @@ class DataParams:
 @dataclass(frozen=True)
 class ModelParams:
     name: str = "gpt2"
-    # `{name}` is replaced by `name`; the folder must hold the four files of MODEL_FILES.
-    url: str = "https://huggingface.co/openai-community/{name}/resolve/main"
+    # `{name}` and `{revision}` are filled in; the folder must hold hub.MODEL_FILES.
+    url: str = "https://huggingface.co/openai-community/{name}/resolve/{revision}"
+    revision: str = "auto"  # auto: the commit pinned for `name` in hub.PINS
+    # auto: the pinned sha256 of each file; {file: sha256}: these; None: no check
+    sha256: str | dict[str, str] | None = "auto"
 
     def check(self, err) -> None:
         err(self.name in PRESETS, "name", f"must be one of {sorted(PRESETS)}")
         err(_url_ok(self.url), "url", f"must be an {'/'.join(URL_SCHEMES)} URL or a local "
                                       f"path, got {self.url!r}")
+        err(bool(self.revision) and "/" not in self.revision, "revision",
+            f"must be auto or a revision (commit, tag, branch), got {self.revision!r}")
+        if isinstance(self.sha256, str):
+            err(self.sha256 == "auto", "sha256",
+                f"must be auto, null or a mapping {{file: sha256}}, got {self.sha256!r}")
+        for file, digest in (self.sha256 or {}).items() if isinstance(self.sha256,
+                                                                        dict) else ():
+            err(file in MODEL_FILES, f"sha256.{file}",
+                f"is not one of the model's files {list(MODEL_FILES)}")
+            err(_is_sha256(digest), f"sha256.{file}", "must be 64 hex digits")
+
+    @property
+    def resolved_revision(self) -> str:
+        return resolve_revision(self.name, self.revision)
+
+    @property
+    def expected_sha256(self) -> dict[str, str] | None:
+        """Each file's expected sha256 (None: unchecked, by choice or for want of pins)."""
+        return resolve_sha256(self.name, self.sha256)
 
     @property
     def base_url(self) -> str:
-        return self.url.replace("{name}", self.name)
+        return self.url.replace("{name}", self.name).replace("{revision}",
+                                                             self.resolved_revision)
 
 
 @dataclass(frozen=True)
@@ -172,11 +194,15 @@ def load_params(path: str | Path) -> Params:
     return Params.from_dict(raw, source=str(path))
 
 
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(
+        c in "0123456789abcdef" for c in value.lower())
+
+
 def _url_ok(url: object) -> bool:
     if not isinstance(url, str) or not url:
         return False
-    scheme = urlparse(url).scheme
-    return scheme in URL_SCHEMES or scheme == "" or len(scheme) == 1  # "" or "C:" = a path
+    return is_url(url) or urlparse(url).scheme == "" or len(urlparse(url).scheme) == 1
 
 
 def _check_type(value: object, hint: object) -> bool:
@@ -188,6 +214,10 @@ def _check_type(value: object, hint: object) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _check_type(k, key) and _check_type(v, item) for k, v in value.items())
     if hint is type(None):
         return value is None
     if hint is float:

@@ -19,6 +19,10 @@ def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dest.name}.tmp-"
     if is_dir:
+        # A folder a killed writer left behind (it can hold GBs of weights): no writer of
+        # `dest` is running now, so none of these is anyone's work in progress.
+        for stale in dest.parent.glob(prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=prefix))
     else:
         fd, name = tempfile.mkstemp(dir=dest.parent, prefix=prefix)
@@ -37,6 +41,15 @@ def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(src: str | Path, dest: str | Path) -> None:
+    """`dest` as a hard link to `src` (no second copy of a large file), or a copy where
+    the two lie on different file systems or links are not allowed."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def write_json(path: str | Path, obj: object) -> None:

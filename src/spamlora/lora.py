@@ -17,16 +17,7 @@ import torch
 from torch import nn
 
 from .model import GPTModel
-
-# Friendly target names -> module path inside each transformer block.
-TARGET_MODULES = {
-    "query": "att.W_query",
-    "key": "att.W_key",
-    "value": "att.W_value",
-    "attn_out": "att.out_proj",
-    "mlp_fc": "ff.layers.0",
-    "mlp_proj": "ff.layers.2",
-}
+from .presets import TARGET_MODULES
 
 
 class LoRALayer(nn.Module):

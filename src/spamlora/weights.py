@@ -18,12 +18,11 @@ from safetensors import SafetensorError, safe_open
 
 from .download import download, join_url
 from .errors import SpamloraError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, link_or_copy, write_json
+from .hub import MODEL_FILES, find_in_hf_cache
 from .model import GPTConfig, GPTModel
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, "vocab.json", "merges.txt")
+CONFIG_FILE, WEIGHTS_FILE = MODEL_FILES[:2]
 DOWNLOAD_RECORD = "download.json"
 
 
@@ -126,16 +125,27 @@ def _our_tensors(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tenso
     return [(f"{p}{ours}.{kind}", tensor.T if transpose else tensor)]
 
 
-def fetch_model(base_url: str, dest: str | Path, timeout: float, retries: int) -> dict:
-    """Download a GPT-2 folder (weights, config, tokenizer files) into `dest`, check that
-    it loads, and record each file's source, sha256 and size in `dest/download.json`.
-    `dest` appears only when complete."""
+def fetch_model(name: str, base_url: str, dest: str | Path, timeout: float, retries: int,
+                revision: str, sha256: dict[str, str] | None) -> dict:
+    """Fetch a GPT-2 folder (weights, config, tokenizer files) into `dest` and check that
+    it loads. A file with a pinned `sha256` is taken from the local Hugging Face cache
+    when it holds exactly that content, else downloaded and verified while it streams.
+    `dest/download.json` records each file's source (URL or cache path), size, sha256
+    and whether it was checked; `dest` appears only when complete."""
     record = {}
     with atomic_path(dest, is_dir=True) as tmp:
-        for name in MODEL_FILES:
-            got = download([join_url(base_url, name)], tmp / name, timeout=timeout,
-                           retries=retries)
-            record[name] = got.as_dict()
+        for file in MODEL_FILES:
+            want = (sha256 or {}).get(file)
+            cached = find_in_hf_cache(name, file, revision, want) if want else None
+            if cached is not None:
+                link_or_copy(cached, tmp / file)
+                source, digest = str(cached), want
+            else:
+                got = download([join_url(base_url, file)], tmp / file, sha256=want,
+                               timeout=timeout, retries=retries)
+                source, digest = got.url, got.sha256
+            record[file] = {"source": source, "bytes": (tmp / file).stat().st_size,
+                            "sha256": digest, "verified": want is not None}
         check_weights(tmp, read_config(tmp))
         write_json(tmp / DOWNLOAD_RECORD, record)
     return record
