@@ -209,3 +209,12 @@ def test_pinned_tokenizer_files_are_gpt2s_own():
         pytest.skip(f"{BPE_DIR} not present")
     assert file_sha256(BPE_DIR / "encoder.json") == PINS["gpt2"].sha256["vocab.json"]
     assert file_sha256(BPE_DIR / "vocab.bpe") == PINS["gpt2"].sha256["merges.txt"]
+
+
+def test_a_killed_downloads_temp_folder_is_removed_by_the_next(hub, tmp_path, hf_cache):
+    server, pins = hub
+    stale = tmp_path / ".base.tmp-killed"
+    (stale / "model.safetensors").parent.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half of 6 GB")
+    fetch(server, tmp_path / "base", pins)
+    assert not stale.exists() and (tmp_path / "base" / "download.json").is_file()
