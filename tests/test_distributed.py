@@ -29,7 +29,7 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2):
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert (one["world"], two["world"]) == (1, 2)
-    assert len(one["step_losses"]) == len(two["step_losses"]) == 2 * 8
+    assert len(one["step_losses"]) == len(two["step_losses"]) == 2 * 8  # ceil(57 / 8) = 8
     # Same batches, split across processes: equal up to float summation order.
     torch.testing.assert_close(torch.tensor(two["step_losses"]),
                                torch.tensor(one["step_losses"]), atol=1e-4, rtol=0)
@@ -42,3 +42,11 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2):
     assert set(tensors_one) == set(tensors_two)
     for name in tensors_one:
         torch.testing.assert_close(tensors_two[name], tensors_one[name], atol=1e-4, rtol=0)
+
+
+def test_process_group_backend_covers_cpu_tensors_on_gpus():
+    from spamlora.distributed import backend
+
+    # all_sum reduces CPU tensors: NCCL alone would fail on the first step.
+    assert backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert backend(torch.device("cpu")) == "gloo"

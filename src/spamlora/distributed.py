@@ -25,12 +25,18 @@ def relaunch(script: str, nproc: int) -> int:
                             f"--nproc_per_node={nproc}", script])
 
 
+def backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors (gradients) and gloo for CPU ones (the step's loss and
+    accuracy sums, `all_sum`): NCCL alone has no backend for CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init(device: torch.device) -> torch.device:
     """Join the process group torchrun describes; this process's device."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend(device))
     return device
 
 
