@@ -106,3 +106,20 @@ def test_no_pickle_is_ever_read(folder):
     (folder / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="safetensors"):
         load_gpt2(folder)
+
+
+def test_loading_initialises_nothing_and_restores_torch_init(folder):
+    init_fns = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_",
+                                                                 "kaiming_uniform_")}
+    rng = torch.random.get_rng_state()
+    model = load_gpt2(folder)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no random init drew from it
+    assert {name: getattr(torch.nn.init, name) for name in init_fns} == init_fns
+    assert model.out_head.weight is model.tok_emb.weight
+    want = load_file(folder / "model.safetensors")
+    torch.testing.assert_close(model.tok_emb.weight, want["transformer.wte.weight"])
+    torch.testing.assert_close(model.trf_blocks[1].norm2.weight,
+                               want["transformer.h.1.ln_2.weight"])
+    torch.manual_seed(0)
+    torch.nn.Linear(4, 4)  # init works again after loading
+    assert torch.nn.Linear(4, 4).weight.abs().sum() > 0
