@@ -32,7 +32,11 @@ README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
 LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
-TRAIN_CASES = ("spamlora", "peer-default", "peer-tuned")
+# Validation accuracy after one epoch depends on the seed by several points: the accuracy
+# table trains each batching with these four seeds.
+ACCURACY_SEEDS = (123, 1, 2, 3)
+TRAIN_CASES = ("spamlora", "spamlora-grouped", "peer-default", "peer-tuned")
+ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned")
 # bf16 training must follow the fp32 trajectory this closely: per epoch, absolute, on the
 # train loss, validation loss and validation accuracy.
 BF16_TOLERANCE = 0.02
@@ -90,11 +94,15 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 
 # --- cases, each run in a child process ---------------------------------------------------
 
-def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
-
+def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
+                  grouped: bool = False) -> dict:
+    """The defaults (packed random batches), or `grouped`: padded batches of similar
+    length, the previous default."""
+    from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
-    from spamlora.classifier import AdapterSpec, build_classifier, resolve_device, resolve_precision
+    from spamlora.classifier import build_classifier
     from spamlora.config import TrainParams
+    from spamlora.precision import resolve_device, resolve_precision
     from spamlora.tokenizer import Tokenizer
     from spamlora.train import train_classifier
     from spamlora.weights import load_gpt2
@@ -102,7 +110,8 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
     start = time.perf_counter()
     train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
     params = TrainParams(epochs=1, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
-                         seed=SEED)
+                         seed=seed, **(dict(padding="batch", group_by_length=True)
+                                       if grouped else {}))
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
@@ -113,7 +122,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
     spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=max_length,
                        pad_id=tokenizer.pad_id)
-    model = build_classifier(base, spec, seed=SEED)
+    model = build_classifier(base, spec, seed=seed)
     setup = time.perf_counter() - start
     last_step_end = 0.0
 
@@ -133,7 +142,11 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
             "val_accuracy": history.epochs[-1].val_accuracy}
 
 
-def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool) -> dict:
+def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
+              seed: int = SEED) -> dict:
+    """transformers + peft with random (shuffled) batches padded to their longest. Tuned:
+    dropout 0 and bf16 autocast where the machine computes bf16 natively (as spamlora's
+    `precision: auto` decides), else fp32."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -144,7 +157,7 @@ def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool) -
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     overrides = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if tuned else {}
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = transformers.GPT2ForSequenceClassification.from_pretrained(
         model_dir, num_labels=2, pad_token_id=tokenizer.pad_token_id, **overrides)
     model = get_peft_model(model, LoraConfig(
@@ -156,12 +169,15 @@ def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool) -
         rows = [{**tokenizer(text, truncation=True, max_length=1024), "labels": int(label)}
                 for text, label in zip(df["text"], df["label"], strict=True)]
         return DataLoader(rows, batch_size=BATCH, shuffle=shuffle, collate_fn=collator,
-                          generator=torch.Generator().manual_seed(SEED))
+                          generator=torch.Generator().manual_seed(seed))
 
     train_loader, val_loader = loader(train, True), loader(val, False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=LR, weight_decay=WEIGHT_DECAY)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tuned)
+    from spamlora.precision import resolve_precision
+
+    bf16 = tuned and resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     setup = time.perf_counter() - start
     t0 = time.perf_counter()
     model.train()
@@ -177,7 +193,7 @@ def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool) -
     with torch.inference_mode(), autocast:
         for batch in val_loader:
             correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
-    return {"precision": "bf16" if tuned else "fp32", "setup_seconds": setup,
+    return {"precision": "bfloat16" if bf16 else "float32", "setup_seconds": setup,
             "train_seconds": train_seconds,
             "validation_seconds": time.perf_counter() - t0 - train_seconds,
             "examples": len(train), "final_step_loss": loss.item(),
@@ -189,7 +205,8 @@ def case_inference(data_dir: Path, model_dir: Path, limit: int | None) -> dict:
     adapter: the cost does not depend on the values)."""
     import numpy as np
 
-    from spamlora.classifier import AdapterSpec, build_classifier, save_adapter
+    from spamlora.adapter import AdapterSpec, save_adapter
+    from spamlora.classifier import build_classifier
     from spamlora.predictor import Predictor
     from spamlora.tokenizer import Tokenizer
     from spamlora.weights import load_gpt2
@@ -224,8 +241,9 @@ def case_bf16_vs_fp32(data_dir: Path, model_dir: Path, limit: int | None) -> dic
     """Same small model, same init and batches, 2 epochs in fp32 and in bf16 autocast."""
     import torch
 
+    from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode
-    from spamlora.classifier import AdapterSpec, build_classifier
+    from spamlora.classifier import build_classifier
     from spamlora.config import TrainParams
     from spamlora.model import GPTConfig, GPTModel
     from spamlora.tokenizer import Tokenizer
@@ -256,23 +274,42 @@ def case_bf16_vs_fp32(data_dir: Path, model_dir: Path, limit: int | None) -> dic
 
 CASES = {
     "spamlora": case_spamlora,
-    "peer-default": lambda d, m, n: case_peer(d, m, n, tuned=False),
-    "peer-tuned": lambda d, m, n: case_peer(d, m, n, tuned=True),
+    "spamlora-grouped": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed, grouped=True),
+    "peer-default": lambda d, m, n, seed=SEED: case_peer(d, m, n, tuned=False, seed=seed),
+    "peer-tuned": lambda d, m, n, seed=SEED: case_peer(d, m, n, tuned=True, seed=seed),
     "inference": case_inference,
     "bf16-vs-fp32": case_bf16_vs_fp32,
 }
 
 
-def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
+              seed: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(data_dir),
-           "--model", str(model_dir)] + (["--limit", str(limit)] if limit else [])
-    print(f"running {case} ...", file=sys.stderr, flush=True)
+           "--model", str(model_dir)] + (["--limit", str(limit)] if limit else []) + (
+        ["--seed", str(seed)] if seed is not None else [])
+    print(f"running {case}{'' if seed is None else f' (seed {seed})'} ...", file=sys.stderr,
+          flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"case {case} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"  {json.dumps(result)[:300]}", file=sys.stderr, flush=True)
     return result
+
+
+def accuracy_table(runs: dict[str, dict[int, dict]]) -> dict:
+    """Per batching: validation accuracy after one epoch for each seed, mean and spread."""
+    import numpy as np
+
+    table = {}
+    for case, by_seed in runs.items():
+        acc = [by_seed[s]["val_accuracy"] for s in sorted(by_seed, key=ACCURACY_SEEDS.index)]
+        secs = [r["train_seconds"] for r in by_seed.values()]
+        table[case] = {"seeds": sorted(by_seed, key=ACCURACY_SEEDS.index),
+                       "val_accuracy": acc, "mean": float(np.mean(acc)),
+                       "min": min(acc), "max": max(acc), "std": float(np.std(acc)),
+                       "train_seconds": secs}
+    return table
 
 
 def summarise(results: dict) -> dict:
@@ -282,9 +319,10 @@ def summarise(results: dict) -> dict:
         r = results.get(case)
         if r:
             r["examples_per_s"] = r["examples"] / r["train_seconds"]
-    for peer in ("peer-default", "peer-tuned"):
-        if peer in results:
-            out[f"speedup_vs_{peer}"] = ours["examples_per_s"] / results[peer]["examples_per_s"]
+    for other in ("spamlora-grouped", "peer-default", "peer-tuned"):
+        if other in results:
+            out[f"speedup_vs_{other}"] = (ours["examples_per_s"]
+                                          / results[other]["examples_per_s"])
     return out
 
 
@@ -306,6 +344,19 @@ def write_table(report: dict) -> None:
     lines.append("")
     for key, value in report["summary"].items():
         lines.append(f"- {key.replace('_', ' ')}: **{value:.2f}x**")
+    if report.get("accuracy"):
+        lines += ["", "Validation accuracy after one epoch (seeds "
+                  f"{', '.join(map(str, ACCURACY_SEEDS))}):", "",
+                  "| batching | per seed | mean | min–max | epoch s (per seed) |",
+                  "|---|---|---:|---:|---|"]
+        names = {"spamlora": "spamlora default (packed random batches)",
+                 "spamlora-grouped": "spamlora, `group_by_length: true` (padded)",
+                 "peer-tuned": "peer-tuned (random batches)"}
+        for case, a in report["accuracy"].items():
+            lines.append(f"| {names[case]} | {', '.join(f'{v:.3f}' for v in a['val_accuracy'])}"
+                         f" | {a['mean']:.3f} | {a['min']:.3f}–{a['max']:.3f} | "
+                         f"{', '.join(f'{v:.0f}' for v in a['train_seconds'])} |")
+        lines.append("")
     if "inference" in r:
         i = r["inference"]
         lines.append(f"- evaluation ({i['precision']}, LoRA merged): "
@@ -332,15 +383,19 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--limit", type=int, help="use only N messages per split (smoke runs)")
     parser.add_argument("--size", choices=["gpt2", "tiny"], default="gpt2")
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(ACCURACY_SEEDS),
+                        help="seeds of the accuracy table (none: skip it)")
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/"
                                                  "<date>.json, and the README table)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.case:  # a child: one case, one JSON line
-        result = CASES[args.case](args.data, args.model, args.limit)
+        seed = {} if args.seed is None else {"seed": args.seed}
+        result = CASES[args.case](args.data, args.model, args.limit, **seed)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
@@ -351,12 +406,21 @@ def main() -> None:
         data_dir, model_dir = prepare(Path(tmp), args.size)
         results = {case: run_child(case, data_dir, model_dir, args.limit)
                    for case in args.cases}
+        accuracy_runs = {case: {SEED: results[case]} if SEED in args.seeds and case in results
+                         else {} for case in ACCURACY_CASES if case in args.cases}
+        for case in accuracy_runs:
+            for seed in args.seeds:
+                if seed not in accuracy_runs[case]:
+                    accuracy_runs[case][seed] = run_child(case, data_dir, model_dir,
+                                                          args.limit, seed)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()})",
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "size": args.size, "limit": args.limit, "results": results}
     if "spamlora" in results:
         report["summary"] = summarise(results)
+    if args.seeds:
+        report["accuracy"] = accuracy_table(accuracy_runs)
     out = args.out or RESULTS / f"train_speed-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -11,21 +11,15 @@ import mlflow
 import pandas as pd
 
 from spamlora import distributed, stage, tracking
+from spamlora.adapter import AdapterSpec, save_adapter
 from spamlora.batching import encode, truncate
-from spamlora.classifier import (
-    AdapterSpec,
-    build_classifier,
-    format_summary,
-    parameter_counts,
-    resolve_device,
-    resolve_precision,
-    save_adapter,
-)
+from spamlora.classifier import build_classifier, format_summary, parameter_counts
 from spamlora.config import Params
 from spamlora.data import read_labelled_csv, write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import write_json
 from spamlora.paths import Paths
+from spamlora.precision import resolve_device, resolve_precision, run_facts
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import train_classifier
 from spamlora.weights import load_gpt2
@@ -96,7 +90,8 @@ def main(params: Params) -> None:
             write_json(paths.metrics("train"), {
                 "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
                 "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
-                "examples_seen": last.examples_seen, "parameters": counts.as_dict()})
+                "examples_seen": last.examples_seen, "parameters": counts.as_dict(),
+                "run": run_facts(device, dtype)})
             tracking.record_run(paths.mlflow_run, run_id)
     distributed.shutdown()
 

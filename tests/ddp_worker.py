@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from spamlora import distributed
-from spamlora.classifier import AdapterSpec, build_classifier, trainable_state
+from spamlora.adapter import AdapterSpec, trainable_state
+from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import train_classifier

@@ -16,18 +16,27 @@ def test_benchmark_smoke_run(tmp_path):
         pytest.skip("the benchmark needs the real SMS data")
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
-                           "--size", "tiny", "--limit", "24", "--out", str(out)],
+                           "--size", "tiny", "--limit", "24", "--seeds", "123", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"spamlora", "peer-default", "peer-tuned", "inference",
-                            "bf16-vs-fp32"}
-    for case in ("spamlora", "peer-default", "peer-tuned"):
+    assert set(results) == {"spamlora", "spamlora-grouped", "peer-default", "peer-tuned",
+                            "inference", "bf16-vs-fp32"}
+    for case in ("spamlora", "spamlora-grouped", "peer-default", "peer-tuned"):
         assert results[case]["examples"] == 24
         assert results[case]["examples_per_s"] > 0 and results[case]["peak_rss_mb"] > 0
     assert results["inference"]["predict_messages"] == 48
     assert set(results["bf16-vs-fp32"]["max_abs_diff"]) == {"train_loss", "val_loss",
                                                            "val_accuracy"}
     assert isinstance(results["bf16-vs-fp32"]["within_tolerance"], bool)
-    assert set(report["summary"]) == {"speedup_vs_peer-default", "speedup_vs_peer-tuned"}
+    assert set(report["summary"]) == {"speedup_vs_spamlora-grouped",
+                                      "speedup_vs_peer-default", "speedup_vs_peer-tuned"}
+    accuracy = report["accuracy"]
+    assert set(accuracy) == {"spamlora", "spamlora-grouped", "peer-tuned"}
+    for row in accuracy.values():
+        assert row["seeds"] == [123, 1] and len(row["val_accuracy"]) == 2
+        assert row["min"] <= row["mean"] <= row["max"]
+    # Seed 123 of the accuracy table is the speed run itself, not a second one.
+    assert accuracy["spamlora"]["val_accuracy"][0] == results["spamlora"]["val_accuracy"]

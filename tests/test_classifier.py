@@ -6,22 +6,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spamlora.adapter import AdapterError, AdapterSpec, read_adapter, save_adapter
 from spamlora.classifier import (
-    AdapterError,
-    AdapterSpec,
-    PackedLinear,
     add_lora,
     build_classifier,
-    can_pack_bf16,
     count_parameters,
     format_summary,
     load_classifier,
-    merged_for_inference,
     parameter_counts,
-    predict_logits,
-    read_adapter,
-    save_adapter,
 )
+from spamlora.inference import PackedLinear, can_pack_bf16, merged_for_inference, predict_logits
 from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.weights import load_gpt2

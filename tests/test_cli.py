@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spamlora.classifier import AdapterSpec, build_classifier, read_adapter, save_adapter
+from spamlora.adapter import AdapterSpec, read_adapter, save_adapter
+from spamlora.classifier import build_classifier
 from spamlora.cli import main
 from spamlora.config import load_params
 from spamlora.lora import LinearWithLoRA

@@ -7,9 +7,12 @@ from spamlora.data import (
     DataError,
     balance,
     class_counts,
+    dedupe,
     parse_messages,
     read_labelled_csv,
+    seen_in,
     split,
+    split_counts,
     write_csv,
 )
 
@@ -93,3 +96,35 @@ def test_real_file_counts_and_reproducible_split(sms_file):
         pd.testing.assert_frame_equal(parts[name], again[name])
     other = split(balance(df, seed=7), 0.7, 0.1, seed=7)
     assert not parts["test"]["id"].equals(other["test"]["id"])
+
+
+def test_copies_across_splits_are_counted_and_dedupe_removes_them(tmp_path):
+    lines = sms_lines(30, 20) + "spam\tWINNER! claim your FREE prize 3 now,  txt CLAIM to 80003\n" \
+        "ham\t  hey are we still meeting at 1 pm, see you soon\n"
+    df, _ = parse_messages(write(tmp_path, lines.encode()))
+    assert len(df) == 52 and len(dedupe(df)) == 50  # white space differs only
+    train = df.head(30)
+    part = df.tail(22)
+    assert seen_in(part, train).tolist() == [False] * 20 + [False, True]  # ham 1 in train
+    parts = {"train": df.head(40), "validation": df.iloc[40:46], "test": df.iloc[46:]}
+    counts = split_counts(parts)
+    assert counts["test"]["in_train"] == 2 and counts["test"]["spam_in_train"] == 1
+    assert counts["validation"]["in_train"] == 0 and "in_train" not in counts["train"]
+    strict = split(balance(dedupe(df), seed=1), 0.5, 0.25, seed=1)
+    for name, other in (("validation", "train"), ("test", "train"), ("test", "validation")):
+        assert not seen_in(strict[name], strict[other]).any()
+
+
+def test_real_split_overlap_and_the_strict_split(sms_file):
+    df, _ = parse_messages(sms_file)
+    counts = split_counts(split(balance(df, seed=123), 0.7, 0.1, seed=123))
+    # Exact copies: 36 test messages (33 spam); after white-space folding 39 (36 spam).
+    assert (counts["test"]["in_train"], counts["test"]["spam_in_train"]) == (39, 36)
+    assert (counts["validation"]["in_train"], counts["validation"]["spam_in_train"]) == \
+        (14, 11)
+    distinct = dedupe(df)
+    assert class_counts(distinct) == {"rows": 5160, "ham": 4518, "spam": 642}
+    strict = split(balance(distinct, seed=123), 0.7, 0.1, seed=123)
+    assert [len(p) for p in strict.values()] == [898, 128, 258]
+    strict_counts = split_counts(strict)
+    assert strict_counts["test"]["in_train"] == strict_counts["validation"]["in_train"] == 0

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from spamlora import batching
-from spamlora.classifier import AdapterSpec, build_classifier
+from spamlora.adapter import AdapterSpec
+from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
 from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel

@@ -13,11 +13,13 @@ import urllib.request
 import mlflow
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from spamlora.config import load_params
 from spamlora.data import write_csv
 from spamlora.errors import SpamloraError
+from spamlora.fileio import read_json
 from spamlora.paths import Paths
 from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE
 
@@ -37,7 +39,10 @@ def workspace(tmp_path, tiny_gpt2, monkeypatch):
     df = pd.DataFrame({"id": range(1, 81), "text": [t for _, t in rows],
                        "label": [int(label == "spam") for label, _ in rows]})
     df = df.sample(frac=1, random_state=0)
-    for name, part in (("train", df[:50]), ("validation", df[50:65]), ("test", df[65:])):
+    # Three test messages are copies of training ones, as in the real split.
+    copies = df[:3].assign(id=[81, 82, 83])
+    for name, part in (("train", df[:50]), ("validation", df[50:65]),
+                       ("test", pd.concat([df[65:], copies]))):
         write_csv(part, paths.split(name))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -73,6 +78,13 @@ def test_one_run_holds_params_metrics_artifacts_and_tags(workspace):
     steps = client.get_metric_history(run.info.run_id, "step_loss")
     assert [m.step for m in steps] == list(range(1, 2 * 7 + 1))  # ceil(50 / 8) = 7 a epoch
     assert 0 <= run.data.metrics["test.accuracy"] <= 1
+    assert 0 <= run.data.metrics["test_unseen.accuracy"] <= 1
+    evaluation = read_json(Paths(workspace).metrics("eval"))
+    assert evaluation["test"]["examples"] == 18 and evaluation["test_unseen"]["examples"] == 15
+    trained = read_json(Paths(workspace).metrics("train"))
+    for facts in (evaluation["run"], trained["run"]):  # in DVC's metrics, not only MLflow
+        assert facts["precision"] == "float32" and facts["device"] == "cpu"
+        assert facts["torch"] == torch.__version__ and facts["hardware"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "model_summary.txt", "eval.json", "test_predictions.csv",
             "figures"} <= artifacts

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spamlora import batching
-from spamlora.classifier import AdapterSpec, build_classifier, save_adapter
+from spamlora.adapter import AdapterSpec, save_adapter
+from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import train_classifier

@@ -19,7 +19,8 @@ class UsageError(SpamloraError):
 
 
 def _summary(args: argparse.Namespace) -> None:
-    from .classifier import AdapterSpec, build_classifier, format_summary, parameter_counts
+    from .adapter import AdapterSpec
+    from .classifier import build_classifier, format_summary, parameter_counts
     from .model import GPTConfig, GPTModel
     from .weights import load_gpt2
 

@@ -44,6 +44,7 @@ class DataParams:
     mirrors: list[str] = field(default_factory=list)
     sha256: str | None = None
     on_bad_line: str = "error"
+    dedupe: bool = False  # drop repeated texts before balancing: no text in two splits
     seed: int = 123
     train_frac: float = 0.7
     val_frac: float = 0.1

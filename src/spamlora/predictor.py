@@ -9,16 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter import AdapterError
 from .batching import encode
-from .classifier import (
-    AdapterError,
-    load_classifier,
-    merged_for_inference,
-    predict_logits,
-    resolve_device,
-    resolve_precision,
-)
+from .classifier import load_classifier
 from .evaluate import softmax
+from .inference import merged_for_inference, predict_logits
+from .precision import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
 

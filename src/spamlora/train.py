@@ -17,9 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import batching, distributed
-from .classifier import autocast, cast_frozen_linears, predict_logits, training_attention
 from .config import TrainParams
+from .inference import predict_logits
 from .model import GPTModel
+from .precision import autocast, cast_frozen_linears, training_attention
 
 # Validation is inference: larger batches cost nothing in accuracy.
 EVAL_BATCH_SIZE = 64

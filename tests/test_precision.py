@@ -1,0 +1,53 @@
+"""`precision: auto`: bf16 where the hardware computes it, decided without relying on
+torch's private CPU probes alone."""
+
+import torch
+
+from spamlora import precision
+from spamlora.precision import cpu_flags, resolve_precision, run_facts
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse2 avx2 avx512f avx512bw amx_bf16 amx_tile
+processor\t: 1
+"""
+
+
+def test_explicit_choices_win():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert {"avx2", "amx_bf16"} <= cpu_flags(CPUINFO)
+    assert cpu_flags("processor : 0\n") == set()
+
+
+def test_auto_falls_back_to_cpuinfo_without_torchs_private_probes(monkeypatch, tmp_path):
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    cpu = torch.device("cpu")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(precision, "CPUINFO", info)
+    info.write_text(CPUINFO)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    info.write_text(CPUINFO.replace(" amx_bf16", ""))
+    assert resolve_precision("auto", cpu) == torch.float32
+    info.unlink()  # not Linux: fp32, never a crash
+    assert resolve_precision("auto", cpu) == torch.float32
+
+
+def test_auto_follows_torchs_probes_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+
+
+def test_run_facts_name_device_precision_and_torch():
+    facts = run_facts(torch.device("cpu"), torch.bfloat16)
+    assert facts["device"] == "cpu" and facts["precision"] == "bfloat16"
+    assert facts["torch"] == torch.__version__
+    assert torch.backends.cpu.get_cpu_capability() in facts["hardware"]
