@@ -22,7 +22,7 @@ from spamlora.paths import Paths
 from spamlora.precision import resolve_device, resolve_precision, run_facts
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import train_classifier
-from spamlora.weights import load_gpt2
+from spamlora.weights import base_fingerprint, load_gpt2
 
 
 def main(params: Params) -> None:
@@ -55,7 +55,8 @@ def main(params: Params) -> None:
         lora = params.lora
         spec = AdapterSpec(params.model.name, base.cfg, lora.rank, lora.alpha, lora.dropout,
                            tuple(lora.targets), num_classes=2, max_length=max_length,
-                           pad_id=tokenizer.pad_id)
+                           pad_id=tokenizer.pad_id, init=lora.init,
+                           base_sha256=base_fingerprint(paths.base_model))
         model = build_classifier(base, spec, seed=tp.seed)
         counts = parameter_counts(model)
         if main_process:

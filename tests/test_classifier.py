@@ -131,3 +131,76 @@ def test_merged_bf16_inference_agrees_with_the_trained_model(trained_like):
     assert any(isinstance(m, PackedLinear) for m in merged.modules()) == can_pack_bf16()
     got = predict_logits(merged, ids, 0, 4, cpu, bf16)
     np.testing.assert_allclose(got, want, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", 10**9, r"rank must be an integer in \[1, 32\]"),
+    ("rank", 0, "rank must be"),
+    ("alpha", -1.0, "alpha must be a positive number"),
+    ("dropout", 1.0, r"dropout must lie in \[0, 1\)"),
+    ("targets", ["query", "c_attn"], "targets must be a non-empty subset"),
+    ("num_classes", 3, r"num_classes must be 2"),
+    ("max_length", 10**6, r"max_length must be an integer in \[1, 256\]"),
+    ("pad_id", -1, "pad_id must be a token id"),
+    ("init", "xavier", "init must be one of"),
+])
+def test_crafted_adapter_metadata_is_refused_before_anything_is_built(
+        trained_like, tmp_path, field, value, message):
+    import json
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, tiny_spec(trained_like), path)
+    tensors = load_file(path)
+    meta = json.loads(tiny_spec(trained_like).to_metadata()["spamlora"])
+    meta["spec"][field] = value
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"spamlora": json.dumps(meta)})
+    with pytest.raises(AdapterError, match=f"bad.safetensors: adapter metadata {message}"):
+        read_adapter(tmp_path / "bad.safetensors")
+
+
+def test_tensor_shapes_are_checked_against_the_spec_before_building(trained_like, tmp_path):
+    spec = tiny_spec(trained_like)
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, spec, path)
+    tensors = load_file(path)
+    name = "trf_blocks.1.att.W_value.lora.A"
+    tensors[name] = torch.zeros(32, 5)
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=spec.to_metadata())
+    with pytest.raises(AdapterError, match=rf"'{name}' has shape \(32, 5\), its metadata "
+                                           r"implies \(32, 4\)"):
+        read_adapter(tmp_path / "bad.safetensors")
+    del tensors[name]
+    save_file(tensors, tmp_path / "gone.safetensors", metadata=spec.to_metadata())
+    with pytest.raises(AdapterError, match="missing"):
+        read_adapter(tmp_path / "gone.safetensors")
+
+
+def test_loading_leaves_the_callers_random_generator_alone(tiny_gpt2, trained_like,
+                                                          tmp_path):
+    save_adapter(trained_like, tiny_spec(trained_like), tmp_path / "a.safetensors")
+    torch.manual_seed(42)
+    before = torch.random.get_rng_state()
+    load_classifier(tiny_gpt2, tmp_path / "a.safetensors")
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_base_with_other_weights_warns_or_with_strict_is_refused(tiny_gpt2, trained_like,
+                                                                   tmp_path, caplog):
+    import dataclasses
+    import shutil
+
+    from spamlora.weights import base_fingerprint
+
+    spec = dataclasses.replace(tiny_spec(trained_like),
+                               base_sha256=base_fingerprint(tiny_gpt2))
+    save_adapter(trained_like, spec, tmp_path / "a.safetensors")
+    _, loaded = load_classifier(tiny_gpt2, tmp_path / "a.safetensors", strict=True)
+    assert loaded.base_sha256 == spec.base_sha256
+    other = make_hf_gpt2(tmp_path / "other", seed=9)  # same shape, other weights
+    shutil.copy(tiny_gpt2 / "config.json", other / "config.json")
+    with caplog.at_level("WARNING"):
+        load_classifier(other, tmp_path / "a.safetensors")
+    assert "model.safetensors has sha256" in caplog.text
+    with pytest.raises(AdapterError, match=r"other/model\.safetensors has sha256 [0-9a-f]{64}"
+                                           r", but .* was trained on"):
+        load_classifier(other, tmp_path / "a.safetensors", strict=True)

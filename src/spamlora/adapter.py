@@ -19,7 +19,7 @@ from torch import nn
 from .errors import SpamloraError
 from .fileio import atomic_path
 from .model import GPTConfig
-from .presets import TARGET_MODULES
+from .presets import LORA_INITS, TARGET_MODULES
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
@@ -43,6 +43,53 @@ class AdapterSpec:
     num_classes: int = 2
     max_length: int = 1024
     pad_id: int = 50256
+    init: str = "textbook"
+    # sha256 of the base model's files it was trained on (config.json, model.safetensors)
+    base_sha256: dict[str, str] | None = None
+
+    def check(self, source: str) -> AdapterSpec:
+        """The same rules as params.yaml's, plus bounds a file could otherwise abuse (a
+        crafted rank would size every layer's A before any shape is compared)."""
+        cfg = self.base_config
+        rules = [
+            (isinstance(self.base_model, str), "base_model", "must be a string"),
+            (_is_int(self.rank) and 1 <= self.rank <= cfg.emb_dim, "rank",
+             f"must be an integer in [1, {cfg.emb_dim}] (the base's width)"),
+            (_is_number(self.alpha) and 0 < self.alpha < float("inf"), "alpha",
+             "must be a positive number"),
+            (_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
+             "must lie in [0, 1)"),
+            (len(self.targets) > 0 and set(self.targets) <= set(TARGET_MODULES), "targets",
+             f"must be a non-empty subset of {list(TARGET_MODULES)}"),
+            (self.num_classes == 2, "num_classes", "must be 2 (spam/ham)"),
+            (_is_int(self.max_length) and 1 <= self.max_length <= cfg.context_length,
+             "max_length", f"must be an integer in [1, {cfg.context_length}]"),
+            (_is_int(self.pad_id) and 0 <= self.pad_id < cfg.vocab_size, "pad_id",
+             f"must be a token id in [0, {cfg.vocab_size})"),
+            (self.init in LORA_INITS, "init", f"must be one of {list(LORA_INITS)}"),
+            (self.base_sha256 is None or isinstance(self.base_sha256, dict), "base_sha256",
+             "must be a mapping or null"),
+        ]
+        for ok, field, rule in rules:
+            if not ok:
+                raise AdapterError(f"{source}: adapter metadata {field} {rule}, got "
+                                   f"{getattr(self, field)!r}")
+        return self
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every tensor the adapter file must hold."""
+        d = self.base_config.emb_dim
+        dims = {"query": (d, d), "key": (d, d), "value": (d, d), "attn_out": (d, d),
+                "mlp_fc": (d, 4 * d), "mlp_proj": (4 * d, d)}
+        shapes = {"out_head.weight": (self.num_classes, d),
+                  "out_head.bias": (self.num_classes,)}
+        for block in range(self.base_config.n_layers):
+            for target in self.targets:
+                path = f"trf_blocks.{block}.{TARGET_MODULES[target]}.lora"
+                in_dim, out_dim = dims[target]
+                shapes[f"{path}.A"] = (in_dim, self.rank)
+                shapes[f"{path}.B"] = (self.rank, out_dim)
+        return shapes
 
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
@@ -64,9 +111,18 @@ class AdapterSpec:
             d = dict(stored["spec"])
             d["base_config"] = GPTConfig(**d["base_config"])
             d["targets"] = tuple(d["targets"])
-            return cls(**d)
+            spec = cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{source}: unreadable adapter metadata: {e}") from None
+        return spec.check(source)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,12 +136,26 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, path: str | Path) -> None:
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """The spec and tensors of an adapter file, every field validated and every tensor's
+    name and shape checked against the spec from the file's header, before any tensor is
+    read or any model built."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter not found (train one with `dvc repro train`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             spec = AdapterSpec.from_metadata(f.metadata(), str(path))
+            expected = spec.tensor_shapes()
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            missing, unexpected = sorted(set(expected) - set(stored)), sorted(
+                set(stored) - set(expected))
+            if missing or unexpected:
+                raise AdapterError(f"{path}: does not fit the classifier it describes "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            for name, shape in expected.items():
+                if stored[name] != shape:
+                    raise AdapterError(f"{path}: tensor {name!r} has shape {stored[name]}, "
+                                       f"its metadata implies {shape}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise AdapterError(f"{path}: unreadable adapter file (truncated or corrupt?): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from torch import nn
 
 from .adapter import AdapterError, AdapterSpec, read_adapter
 from .lora import replace_linear_with_lora
-from .model import GPTModel
-from .weights import CONFIG_FILE, WeightsError, load_gpt2
+from .model import GPTConfig, GPTModel
+from .weights import CONFIG_FILE, WeightsError, base_fingerprint, load_gpt2, read_config
+
+log = logging.getLogger(__name__)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -24,7 +27,8 @@ def add_lora(model: GPTModel, spec: AdapterSpec, seed: int) -> GPTModel:
     """Freeze `model` and inject LoRA (seeded), in place; the LM head is untouched."""
     freeze(model)
     torch.manual_seed(seed)
-    return replace_linear_with_lora(model, spec.rank, spec.alpha, spec.targets, spec.dropout)
+    return replace_linear_with_lora(model, spec.rank, spec.alpha, spec.targets, spec.dropout,
+                                    spec.init)
 
 
 def swap_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
@@ -34,11 +38,16 @@ def swap_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
     return model
 
 
+def check_base(spec: AdapterSpec, cfg: GPTConfig, weights: object = "the base model",
+               adapter: object = "the adapter") -> None:
+    if cfg.with_dropout(0.0) != spec.base_config.with_dropout(0.0):
+        raise AdapterError(f"{adapter} was made for a base model with config "
+                           f"{spec.base_config}, but {weights} has {cfg}")
+
+
 def build_classifier(base: GPTModel, spec: AdapterSpec, seed: int) -> GPTModel:
     """Frozen base + LoRA + a new trainable head: the classifier before training."""
-    if base.cfg.with_dropout(0.0) != spec.base_config.with_dropout(0.0):
-        raise AdapterError(f"adapter was made for a base model with config "
-                           f"{spec.base_config}, but the base model has {base.cfg}")
+    check_base(spec, base.cfg)
     return swap_head(add_lora(base, spec, seed), spec.num_classes, seed)
 
 
@@ -49,29 +58,34 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def load_classifier(weights: str | Path, adapter: str | Path) -> tuple[GPTModel,
-                                                                        AdapterSpec]:
+def load_classifier(weights: str | Path, adapter: str | Path,
+                    strict: bool = False) -> tuple[GPTModel, AdapterSpec]:
     """The trained classifier: the base GPT-2 folder `weights` with the adapter applied.
-    The (small) adapter is read first, so a bad one fails before the base loads."""
+    The (small) adapter is read and checked first, so a bad one fails before the base
+    loads. A base whose files differ from those the adapter was trained on (same shape,
+    other weights) gets a warning naming the file, or with `strict` an error. The
+    caller's random generator is left as it was."""
     spec, tensors = read_adapter(adapter)
     if not (Path(weights) / CONFIG_FILE).is_file():
         raise WeightsError(f"{weights}: no GPT-2 base model here; this adapter needs "
                            f"{spec.base_model!r}: fetch it with `spamlora download-model "
                            f"--name {spec.base_model} {weights}`")
-    model = build_classifier(load_gpt2(weights), spec, seed=0)
-    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) -
-                                                                        set(expected))
-    if missing or unexpected:
-        raise AdapterError(f"{adapter}: does not fit the classifier it describes "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_base(spec, read_config(weights), weights, adapter)
+    if spec.base_sha256:
+        found = base_fingerprint(weights)
+        for name, want in sorted(spec.base_sha256.items()):
+            if found.get(name) != want:
+                message = (f"{Path(weights) / name} has sha256 {found.get(name)}, but "
+                           f"{adapter} was trained on a base whose {name} has {want}")
+                if strict:
+                    raise AdapterError(message)
+                log.warning("%s: predictions may be off", message)
+    with torch.random.fork_rng(devices=[]):  # building draws LoRA's A, then overwritten
+        model = build_classifier(load_gpt2(weights), spec, seed=0)
     with torch.no_grad():
-        for name, p in expected.items():
-            if tensors[name].shape != p.shape:
-                raise AdapterError(f"{adapter}: tensor {name!r} has shape "
-                                   f"{tuple(tensors[name].shape)}, the base model needs "
-                                   f"{tuple(p.shape)}")
-            p.copy_(tensors[name])
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors[name])
     return model, spec
 
 

@@ -126,7 +126,8 @@ def _predict(args: argparse.Namespace) -> None:
         raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
     texts, where = _read_messages(args)
     predictor = Predictor(args.weights, args.adapter, device=args.device,
-                          precision=args.precision, batch_size=args.batch_size)
+                          precision=args.precision, batch_size=args.batch_size,
+                          strict=args.strict)
     probs, truncated = predictor.spam_probabilities(texts)
     for i in truncated:
         print(f"warning: {where[i]} is longer than {predictor.spec.max_length} tokens and "
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a base model whose files differ from those the adapter "
+                        "was trained on (default: a warning)")
     p.set_defaults(func=_predict)
     return parser
 
