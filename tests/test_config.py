@@ -38,6 +38,9 @@ def test_the_repositorys_params_are_valid_and_match_the_recipe():
     ("train.lr", -1, r"train\.lr must be > 0"),
     ("train.epochs", 1.5, r"train\.epochs must be int"),
     ("train.group_by_length", "yes", r"train\.group_by_length must be bool"),
+    ("train.padding", "ragged", r"train\.padding must be packed, batch or max_length"),
+    ("lora.init", "xavier", r"lora\.init must be one of \['textbook', 'reference'\]"),
+    ("data.dedupe", "yes", r"data\.dedupe must be bool"),
     ("train.precision", "fp16", r"train\.precision must be auto, fp32 or bf16"),
     ("model.name", "gpt3", r"model\.name must be one of"),
 ])

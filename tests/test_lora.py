@@ -166,3 +166,19 @@ def test_projecting_together_keeps_dropout_and_merged_layers_exact():
     (want, *_), (got, *_) = _separately_and_together([layer.eval() for layer in layers], x)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_textbook_and_reference_initialisation_of_a(rank):
+    torch.manual_seed(0)
+    textbook = LoRALayer(768, 768, rank, alpha=8)
+    reference = LoRALayer(768, 768, rank, alpha=8, init="reference")
+    # Kaiming-uniform with a = sqrt(5) draws from ±1/sqrt(fan_in).
+    assert textbook.A.abs().max() <= 1 / rank ** 0.5
+    assert textbook.A.abs().max() > 0.9 / rank ** 0.5  # fan-in r: the textbook's scale
+    assert reference.A.abs().max() <= 1 / 768 ** 0.5  # fan-in in_dim, whatever the rank
+    assert reference.A.abs().max() > 0.9 / 768 ** 0.5
+    assert reference.A.shape == textbook.A.shape == (768, rank)
+    assert not reference.B.any() and not textbook.B.any()
+    with pytest.raises(ValueError, match="init must be one of"):
+        LoRALayer(8, 8, 2, alpha=2, init="xavier")

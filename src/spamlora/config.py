@@ -19,7 +19,7 @@ import yaml
 from .download import URL_SCHEMES, is_url
 from .errors import SpamloraError
 from .hub import MODEL_FILES, resolve_revision, resolve_sha256
-from .presets import PRESETS, TARGET_MODULES
+from .presets import LORA_INITS, PRESETS, TARGET_MODULES
 
 LORA_TARGETS = tuple(TARGET_MODULES)
 
@@ -111,6 +111,7 @@ class LoRAParams:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    init: str = "textbook"  # how A starts: textbook (fan-in r) | reference (fan-in in_dim)
 
     def check(self, err) -> None:
         err(self.rank >= 1, "rank", "must be >= 1")
@@ -119,6 +120,7 @@ class LoRAParams:
         err(len(self.targets) > 0, "targets", "must name at least one layer")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         err(not bad, "targets", f"unknown target(s) {bad}; choose from {list(LORA_TARGETS)}")
+        err(self.init in LORA_INITS, "init", f"must be one of {list(LORA_INITS)}")
 
 
 @dataclass(frozen=True)

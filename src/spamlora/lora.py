@@ -2,10 +2,17 @@
 
 Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
 (https://arxiv.org/abs/2106.09685): a frozen weight W is adapted as
-``W x + (alpha / r) * B A x`` where A and B have rank ``r``. ``A`` starts random
-(Kaiming-uniform, as in the paper's reference code and in LLMs-from-scratch), ``B`` starts
-at zero so training starts from the pretrained model exactly; ``alpha / r`` scales the
-update so that changing ``r`` needs little retuning of the learning rate (section 4.1).
+``W x + (alpha / r) * B A x`` where A and B have rank ``r``. ``B`` starts at zero so
+training starts from the pretrained model exactly; ``alpha / r`` scales the update so
+that changing ``r`` needs little retuning of the learning rate (section 4.1). ``A`` starts
+Kaiming-uniform, in one of two ways (`INITS`):
+
+- ``textbook`` (the default, for fidelity to the seed): as LLMs-from-scratch does, on ``A``
+  stored (in_dim, r), so the fan-in torch sees is ``r``: entries uniform in
+  ``±1/sqrt(r)``, ~10x larger than the reference at r = 8 for GPT-2 124M, and growing as
+  ``r`` shrinks: with alpha fixed, a smaller rank then also changes the step size.
+- ``reference``: as Hu et al.'s reference code (loralib) and PEFT, fan-in = in_dim:
+  entries uniform in ``±1/sqrt(in_dim)``, whatever the rank.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 from torch import nn
 
 from .model import GPTModel
+from .presets import LORA_INITS as INITS
 from .presets import TARGET_MODULES
 
 
@@ -29,16 +37,21 @@ class LoRALayer(nn.Module):
             grow as ``r * (in_dim + out_dim)``.
         alpha: ``alpha`` of Hu et al. (2021); the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA branch's input (0 disables it).
+        init: how ``A`` starts: ``textbook`` (fan-in ``rank``) or ``reference`` (fan-in
+            ``in_dim``, as Hu et al.'s code and PEFT); see the module docstring.
     """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, init: str = "textbook"):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
         self.rank, self.alpha = rank, alpha
         self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        # kaiming_uniform_ takes the fan-in from dim 1: `rank` for A, `in_dim` for A.T.
+        nn.init.kaiming_uniform_(self.A if init == "textbook" else self.A.T, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -67,10 +80,12 @@ class LinearWithLoRA(nn.Module):
     """A frozen `nn.Linear` plus a `LoRALayer`. `merge()` folds the update into the
     Linear's weight for inference; `unmerge()` takes it out again."""
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 init: str = "textbook"):
         super().__init__()
         self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout)
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout,
+                              init)
         self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
         self.merged = False
 
@@ -127,10 +142,10 @@ class LinearWithLoRA(nn.Module):
 
 def replace_linear_with_lora(model: GPTModel, rank: int, alpha: float,
                              targets: list[str] | tuple[str, ...] = tuple(TARGET_MODULES),
-                             dropout: float = 0.0) -> GPTModel:
+                             dropout: float = 0.0, init: str = "textbook") -> GPTModel:
     """Wrap the chosen Linears of every transformer block in `LinearWithLoRA`, in place.
     The default targets are all six (Q, K, V, attention output, both MLP layers); the
-    output head is never adapted."""
+    output head is never adapted. `init`: how each ``A`` starts (`LoRALayer`)."""
     unknown = [t for t in targets if t not in TARGET_MODULES]
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {unknown}; choose from "
@@ -142,7 +157,7 @@ def replace_linear_with_lora(model: GPTModel, rank: int, alpha: float,
             linear = parent.get_submodule(child)
             if isinstance(linear, LinearWithLoRA):
                 raise ValueError(f"{TARGET_MODULES[target]} already carries LoRA")
-            parent.register_module(child, LinearWithLoRA(linear, rank, alpha, dropout))
+            parent.register_module(child, LinearWithLoRA(linear, rank, alpha, dropout, init))
     return model
 
 

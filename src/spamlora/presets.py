@@ -17,3 +17,7 @@ TARGET_MODULES = {
     "mlp_fc": "ff.layers.0",
     "mlp_proj": "ff.layers.2",
 }
+
+# How LoRA's A starts (lora.LoRALayer): fan-in r as LLMs-from-scratch, or in_dim as Hu et
+# al.'s reference code and PEFT.
+LORA_INITS = ("textbook", "reference")
