@@ -70,3 +70,19 @@ def test_one_class_auc_is_undefined_and_perfect_scores():
 def test_softmax_is_stable_for_large_logits():
     p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(p, [[1.0, 0.0], [0.5, 0.5]])
+
+
+def test_curves_keep_the_hand_computed_points():
+    """Worked by hand (and what the numpy version wrote before scikit-learn computed
+    them): every distinct score is a threshold, descending, ties taken together."""
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 0])
+    scores = np.array([0.1, 0.9, 0.8, 0.7, 0.3, 0.3, 0.3, 0.05])
+    roc = roc_curve(labels, scores)
+    assert roc["threshold"].tolist() == [np.inf, 0.9, 0.8, 0.7, 0.3, 0.1, 0.05]
+    assert roc["fpr"].tolist() == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0]
+    assert roc["tpr"].tolist() == [0.0, 0.25, 0.5, 0.5, 1.0, 1.0, 1.0]
+    pr = precision_recall_curve(labels, scores)
+    assert pr["threshold"].tolist() == [0.9, 0.8, 0.7, 0.3, 0.1, 0.05]
+    np.testing.assert_allclose(pr["precision"], [1, 1, 2 / 3, 2 / 3, 4 / 7, 0.5])
+    assert pr["recall"].tolist() == [0.25, 0.5, 0.5, 1.0, 1.0, 1.0]
+    assert roc_auc(labels, scores) == pytest.approx(brute_force_auc(labels, scores))

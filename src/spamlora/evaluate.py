@@ -1,6 +1,6 @@
 """Classification metrics with spam (label 1) as the positive class.
 
-Written out in numpy (no scikit-learn dependency); tests check them against hand-worked
+scikit-learn's (a dependency of MLflow, declared); tests check them against hand-worked
 cases and the textbook definitions.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn import metrics
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -16,48 +17,30 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
-    labels, predicted = np.asarray(labels), np.asarray(predicted)
-    return {"tp": int(((predicted == 1) & (labels == 1)).sum()),
-            "fp": int(((predicted == 1) & (labels == 0)).sum()),
-            "tn": int(((predicted == 0) & (labels == 0)).sum()),
-            "fn": int(((predicted == 0) & (labels == 1)).sum())}
-
-
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    """False/true positive rates at every distinct score threshold (descending)."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
-    tps = np.cumsum(labels == 1)[last_of_tie]
-    fps = np.cumsum(labels == 0)[last_of_tie]
-    pos, neg = max(int((labels == 1).sum()), 1), max(int((labels == 0).sum()), 1)
-    return pd.DataFrame({
-        "threshold": np.r_[np.inf, scores[last_of_tie]],
-        "fpr": np.r_[0.0, fps / neg],
-        "tpr": np.r_[0.0, tps / pos],
-    })
+    """False/true positive rates at every distinct score threshold (descending), from
+    (inf, 0, 0) to (lowest score, 1, 1)."""
+    fpr, tpr, thresholds = metrics.roc_curve(labels, np.asarray(scores, dtype=np.float64),
+                                             pos_label=1, drop_intermediate=False)
+    return pd.DataFrame({"threshold": thresholds, "fpr": fpr, "tpr": tpr})
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Area under the ROC curve (trapezoids; ties count half, as in Mann-Whitney U);
-    None when only one class is present (undefined, and NaN is not valid JSON)."""
+    """Area under the ROC curve (ties count half, as in Mann-Whitney U); None when only
+    one class is present (undefined, and NaN is not valid JSON)."""
     labels = np.asarray(labels)
     if (labels == 1).all() or (labels == 0).all():
         return None
-    curve = roc_curve(labels, scores)
-    return float(np.trapezoid(curve["tpr"], curve["fpr"]))
+    return float(metrics.roc_auc_score(labels, scores))
 
 
 def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    curve = roc_curve(labels, scores).iloc[1:]
-    labels = np.asarray(labels)
-    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
-    tp, fp = curve["tpr"].to_numpy() * pos, curve["fpr"].to_numpy() * neg
-    precision = np.divide(tp, tp + fp, out=np.ones_like(tp), where=(tp + fp) > 0)
-    return pd.DataFrame({"threshold": curve["threshold"].to_numpy(),
-                         "precision": precision, "recall": curve["tpr"].to_numpy()})
+    """Precision and recall at every distinct score threshold, descending."""
+    precision, recall, thresholds = metrics.precision_recall_curve(
+        labels, np.asarray(scores, dtype=np.float64), pos_label=1)
+    # scikit-learn lists thresholds ascending and appends the (precision 1, recall 0) end.
+    return pd.DataFrame({"threshold": thresholds[::-1], "precision": precision[-2::-1],
+                         "recall": recall[-2::-1]})
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray,
@@ -66,13 +49,12 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
     probs = softmax(np.asarray(logits, dtype=np.float64))
     spam_prob = probs[:, 1]
     predicted = (spam_prob >= threshold).astype(int)
-    counts = confusion(labels, predicted)
-    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    (tn, fp), (fn, tp) = metrics.confusion_matrix(labels, predicted, labels=[0, 1])
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        labels, predicted, labels=[1], average="binary", pos_label=1, zero_division=0.0)
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return {"accuracy": float((predicted == labels).mean()), "loss": loss,
-            "precision": precision, "recall": recall, "f1": f1,
-            "roc_auc": roc_auc(labels, spam_prob), "confusion": counts,
+    return {"accuracy": float(metrics.accuracy_score(labels, predicted)), "loss": loss,
+            "precision": float(precision), "recall": float(recall), "f1": float(f1),
+            "roc_auc": roc_auc(labels, spam_prob),
+            "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)},
             "examples": int(len(labels))}
