@@ -18,7 +18,10 @@ LABEL_NAMES = np.array(["ham", "spam"])
 
 def main(params: Params) -> None:
     paths = Paths()
-    with tracking.active_run(tracking.recorded_run(paths.mlflow_run)):
+    run_id = tracking.continue_or_create_run(
+        "evaluate", paths.metrics("train"), params.flat(), params.model.name,
+        tracking.run_inputs("evaluate", params.data, paths), [paths.metrics("train")])
+    with tracking.active_run(run_id):
         predictor = Predictor(paths.base_model, paths.adapter, params.train.device,
                               params.evaluate.precision, params.evaluate.batch_size)
         splits = {name: read_labelled_csv(paths.split(name)) for name in SPLITS}
@@ -47,8 +50,9 @@ def main(params: Params) -> None:
         write_csv(roc_curve(labels, spam_prob), paths.plot_data("roc"))
         write_csv(precision_recall_curve(labels, spam_prob),
                   paths.plot_data("precision_recall"))
-        write_json(paths.metrics("eval"), {**results, "run": run_facts(predictor.device,
-                                                                       predictor.dtype)})
+        write_json(paths.metrics("eval"), {
+            **results, "run": run_facts(predictor.device, predictor.dtype),
+            tracking.RUN_ID_KEY: run_id})
         mlflow.log_artifact(str(paths.metrics("eval")))
         mlflow.log_artifact(str(paths.test_predictions))
         test, fresh = results["test"], results["test_unseen"]

@@ -12,10 +12,15 @@ from spamlora.plots import plot_confusion, plot_history, plot_roc
 
 def main(params: Params) -> None:
     paths = Paths()
-    with tracking.active_run(tracking.recorded_run(paths.mlflow_run)):
+    run_id = tracking.continue_or_create_run(
+        "plot", paths.metrics("eval"), params.flat(), params.model.name,
+        tracking.run_inputs("plot", params.data, paths),
+        [paths.metrics("train"), paths.metrics("eval")])
+    with tracking.active_run(run_id):
         test = read_json(paths.metrics("eval"))["test"]
         figures = {
-            "history": lambda p: plot_history(pd.read_csv(paths.plot_data("history")), p),
+            "history": lambda p: plot_history(pd.read_csv(paths.plot_data("history")),
+                                              pd.read_csv(paths.plot_data("steps")), p),
             "confusion": lambda p: plot_confusion(test["confusion"], p),
             "roc": lambda p: plot_roc(pd.read_csv(paths.plot_data("roc")), test["roc_auc"],
                                       p),

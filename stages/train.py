@@ -35,7 +35,8 @@ def main(params: Params) -> None:
     if distributed.under_torchrun():
         device = distributed.init(device)
     main_process = distributed.is_main()
-    run_id = tracking.create_pipeline_run(params.flat(), params.model.name) \
+    run_id = tracking.create_run("train", params.flat(), params.model.name,
+                                 tracking.run_inputs("train", params.data, paths)) \
         if main_process else None
     with tracking.active_run(run_id) if main_process else contextlib.nullcontext():
         dtype = resolve_precision(tp.precision, device)
@@ -87,13 +88,16 @@ def main(params: Params) -> None:
             mlflow.log_artifact(str(paths.adapter), "adapter")
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
+            write_csv(pd.DataFrame({
+                "step": range(1, len(history.step_losses) + 1), "epoch": history.step_epochs,
+                "examples_seen": history.step_examples, "loss": history.step_losses}),
+                paths.plot_data("steps"))
             last = history.epochs[-1]
             write_json(paths.metrics("train"), {
                 "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
                 "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
                 "examples_seen": last.examples_seen, "parameters": counts.as_dict(),
-                "run": run_facts(device, dtype)})
-            tracking.record_run(paths.mlflow_run, run_id)
+                "run": run_facts(device, dtype), tracking.RUN_ID_KEY: run_id})
     distributed.shutdown()
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
+from spamlora.hub import MODEL_FILES
 from spamlora.paths import SPLITS, Paths
-from spamlora.tracking import EXPERIMENT
+from spamlora.tracking import EXPERIMENT, RUN_ID_KEY, STAGES_TAG, TRAINING_RUN_TAG
 
 from .conftest import dataset_zip_bytes, local_server, make_hf_gpt2
 from .workspace import dvc, env, make_workspace
@@ -32,8 +34,8 @@ def pipeline(tmp_path_factory):
         data_url = server.serve("/uci/sms+spam+collection.zip", body)
         model = make_hf_gpt2(tmp / "gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=256)
         server.serve_dir("/hub/gpt2", model)
-        pins = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-                for f in model.iterdir() if f.is_file()}
+        pins = {name: hashlib.sha256((model / name).read_bytes()).hexdigest()
+                for name in MODEL_FILES}
         ws = make_workspace(tmp / "ws", {
             "data.url": data_url, "data.sha256": hashlib.sha256(body).hexdigest(),
             "model.url": server.base_url + "/hub/{name}", "model.sha256": pins,
@@ -125,6 +127,33 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     dvc(ws, "plots", "diff", "HEAD", "--out", str(ws / ".plots-diff"))
     assert (ws / ".plots-diff" / "index.html").is_file()
 
+    # Experiment B changes evaluation only: train is cached, and B is a run of its own.
+    out = dvc(ws, "exp", "run", "-S", "evaluate.batch_size=32")
+    assert "Running stage 'train'" not in out and "Running stage 'evaluate'" in out
+    client, runs = mlflow_runs(ws)
+    assert len(runs) == 3
+    b_run = next(r for r in runs if r.data.params["evaluate.batch_size"] == "32")
+    assert b_run.data.tags[TRAINING_RUN_TAG] == exp_run.info.run_id
+    assert b_run.data.params["lora.rank"] == "4" and "test.accuracy" in b_run.data.metrics
+    assert len(client.get_metric_history(exp_run.info.run_id, "test.accuracy")) == 1
+    assert client.get_run(exp_run.info.run_id).data.params["evaluate.batch_size"] == "64"
+    paths = Paths(ws)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    locked = {o["path"]: o["md5"] for o in lock["stages"]["split"]["outs"]}
+    digests = {i.dataset.name: i.dataset.digest for i in b_run.inputs.dataset_inputs}
+    for name in SPLITS:
+        assert digests[f"{name}.csv"] == locked[f"data/{name}.csv"]
+    assert b_run.data.tags["dvc.dep.data/train"] == next(
+        d["md5"] for d in lock["stages"]["evaluate"]["deps"] if d["path"] == "data/train")
+
+    # The same experiment again: every stage cached, no new run, and the metrics that
+    # `dvc exp show` lists name the run that holds its results.
+    out = dvc(ws, "exp", "run", "-S", "evaluate.batch_size=32")
+    assert "Running stage" not in out
+    assert len(mlflow_runs(ws)[1]) == 3
+    assert json.loads(paths.metrics("eval").read_text())[RUN_ID_KEY] == b_run.info.run_id
+    assert json.loads(paths.metrics("train").read_text())[RUN_ID_KEY] == exp_run.info.run_id
+
 
 def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     ws, _, _ = pipeline
@@ -146,7 +175,7 @@ def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     assert status.count("Success") == 2, status
     _, runs = mlflow_runs(ws)
     ranks = sorted(int(r.data.params["lora.rank"]) for r in runs)
-    assert ranks == [2, 4, 8, 16]
+    assert ranks == [2, 4, 4, 8, 16]  # rank 4: experiments A and B
     assert all(r.info.status == "FINISHED" and "test.accuracy" in r.data.metrics
                for r in runs)
     assert os.path.isdir(ws / "mlartifacts")
@@ -184,3 +213,16 @@ def test_push_then_a_second_clone_pulls_and_runs_no_stage(pipeline, tmp_path):
         ws / "data" / "train" / "adapter.safetensors").read_bytes()
     assert "Running stage" not in dvc(clone, "repro")
     assert "up to date" in dvc(clone, "status").lower()
+
+    # The clone's store holds none of the original runs; an evaluation change still
+    # reruns evaluate and plot, into a run of their own that names the training run.
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["evaluate"]["batch_size"] = 16
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(clone, "repro")
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
+    client, runs = mlflow_runs(clone)
+    (run,) = runs
+    trained = json.loads((clone / "metrics" / "train.json").read_text())[RUN_ID_KEY]
+    assert run.data.tags[TRAINING_RUN_TAG] == trained
+    assert run.data.tags[STAGES_TAG] == "evaluate,plot"

@@ -28,7 +28,7 @@ EXP_SHOW = [
 
 def test_experiments_one_row_per_finished_run(tmp_path):
     df = experiments(EXP_SHOW)
-    assert df["experiment"].tolist() == ["main", "exp-a", "exp-b"]
+    assert df["experiment"].tolist() == ["exp-a", "exp-b", "main"]
     summary = by_rank(df)
     assert summary["rank"].tolist() == [2, 8]
     assert summary["runs"].tolist() == [2, 1]
@@ -39,3 +39,11 @@ def test_experiments_one_row_per_finished_run(tmp_path):
                                                    "accuracy_vs_rank.png"}
     with pytest.raises(SpamloraError, match="no finished experiment"):
         write_report(experiments([]), tmp_path / "empty")
+
+
+def test_a_sweep_that_repeats_the_baselines_settings_counts_them_once():
+    repeated = [{**EXP_SHOW[1], "experiments": [
+        *EXP_SHOW[1]["experiments"], {"revs": [rev("exp-8", "fff", 8, 123, 0.92, 800)]}]}]
+    df = experiments(repeated)
+    assert df["experiment"].tolist() == ["exp-a", "exp-b", "exp-8"]  # not "main" too
+    assert by_rank(df).set_index("rank").loc[8, "runs"] == 1

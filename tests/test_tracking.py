@@ -21,7 +21,16 @@ from spamlora.data import write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import read_json
 from spamlora.paths import Paths
-from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE
+from spamlora.tracking import (
+    ARTIFACT_DIR,
+    EXPERIMENT,
+    RUN_ID_KEY,
+    SPLIT_CONTEXTS,
+    STAGES_TAG,
+    STORE_FILE,
+    TRAINING_RUN_TAG,
+    file_md5,
+)
 
 from .conftest import REPO, sms_lines
 
@@ -35,6 +44,7 @@ def workspace(tmp_path, tiny_gpt2, monkeypatch):
     """A folder laid out as after download_model and split, as the cwd and DVC_ROOT."""
     paths = Paths(tmp_path)
     shutil.copytree(tiny_gpt2, paths.base_model)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     rows = [line.split("\t") for line in sms_lines(40, 40).splitlines()]
     df = pd.DataFrame({"id": range(1, 81), "text": [t for _, t in rows],
                        "label": [int(label == "spam") for label, _ in rows]})
@@ -94,6 +104,75 @@ def test_one_run_holds_params_metrics_artifacts_and_tags(workspace):
     summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
     assert "LinearWithLoRA" in summary
 
+    # Lineage: the DVC metrics name the run; its datasets are the splits, digest DVC's
+    # md5; the UI's Source column is filled.
+    assert trained[RUN_ID_KEY] == evaluation[RUN_ID_KEY] == run.info.run_id
+    assert run.data.tags[STAGES_TAG] == "train,evaluate,plot"
+    assert run.data.tags["mlflow.source.name"] == "dvc.yaml:train"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    paths = Paths(workspace)
+    assert run.data.tags["dvc.dep.data/train.csv"] == file_md5(paths.split("train"))
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train.csv", "validation.csv", "test.csv"}
+    for name in ("train", "validation", "test"):
+        entry = inputs[f"{name}.csv"]
+        assert entry.dataset.digest == file_md5(paths.split(name))
+        tags = {t.key: t.value for t in entry.tags}
+        assert tags["mlflow.data.context"] == SPLIT_CONTEXTS[name]
+        assert tags["data.url"] == params.data.url
+    steps = pd.read_csv(paths.plot_data("steps"))
+    assert steps["step"].tolist() == list(range(1, 15)) and steps["epoch"].iloc[-1] == 2
+    assert steps["examples_seen"].iloc[-1] == 100
+
+
+def test_an_evaluate_only_change_is_a_run_of_its_own_naming_the_training_run(workspace):
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"))
+    for stage in ("train", "evaluate", "plot"):
+        stage_main(stage)(params)
+    first = read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY]
+    changed = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate,
+                                                                       batch_size=32))
+    for stage in ("evaluate", "plot"):  # train cached: as DVC would run it
+        stage_main(stage)(changed)
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / STORE_FILE}")
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 2
+    second = next(r for r in runs if r.info.run_id != first)
+    assert read_json(Paths(workspace).metrics("eval"))[RUN_ID_KEY] == second.info.run_id
+    assert second.data.tags[TRAINING_RUN_TAG] == first
+    assert second.data.params["evaluate.batch_size"] == "32"
+    assert "train_loss" in second.data.metrics and "test.accuracy" in second.data.metrics
+    assert {a.path for a in client.list_artifacts(second.info.run_id, "figures")} == {
+        "figures/history.png", "figures/confusion.png", "figures/roc.png"}
+    # The training run keeps its own params and one evaluation.
+    assert client.get_run(first).data.params["evaluate.batch_size"] == "64"
+    assert len(client.get_metric_history(first, "test.accuracy")) == 1
+    # A plot-only rerun (e.g. plot code changed) is a run of its own too.
+    stage_main("plot")(changed)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 3
+    third = next(r for r in runs if r.info.run_id not in (first, second.info.run_id))
+    assert third.data.tags[TRAINING_RUN_TAG] == first
+
+
+def test_a_clone_without_the_training_run_still_evaluates(workspace, monkeypatch):
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"))
+    stage_main("train")(params)
+    trained = read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY]
+    # A clone that pulled the outputs but not the store: a store without that run.
+    clone_store = workspace / "clone.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{clone_store}")
+    stage_main("evaluate")(params)
+    mlflow.set_tracking_uri(f"sqlite:///{clone_store}")
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.data.tags[TRAINING_RUN_TAG] == trained and "test.accuracy" in run.data.metrics
+
 
 def test_user_tracking_uri_overrides_the_default(workspace, monkeypatch, tmp_path_factory):
     other = tmp_path_factory.mktemp("elsewhere") / "runs.db"
@@ -107,8 +186,8 @@ def test_user_tracking_uri_overrides_the_default(workspace, monkeypatch, tmp_pat
 
 def test_parallel_workers_creating_a_fresh_store_all_land(tmp_path):
     # Queue workers start together; without the lock they race to create the tables.
-    code = ("from spamlora.tracking import create_pipeline_run; "
-            "create_pipeline_run({'k': 1}, 'gpt2')")
+    code = ("from spamlora.tracking import RunInputs, create_run; "
+            "create_run('train', {'k': 1}, 'gpt2', RunInputs({}, {}, []))")
     env = {**os.environ, "DVC_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,

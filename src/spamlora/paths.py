@@ -52,10 +52,6 @@ class Paths:
     def adapter(self) -> Path:
         return self.train_dir / "adapter.safetensors"
 
-    @property
-    def mlflow_run(self) -> Path:
-        return self.train_dir / "mlflow_run.json"
-
     # evaluate
     @property
     def test_predictions(self) -> Path:

@@ -19,11 +19,31 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: pd.DataFrame, path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation, with examples seen on a second
-    x axis (as in the book's `plot_values`)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+def plot_history(history: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
+    """The training loss at every step (raw, and smoothed over a window of ~5% of the
+    steps; epoch boundaries dashed; examples seen on the top axis) beside the loss and
+    accuracy per epoch, train and validation, with examples seen on a second x axis (as
+    in the book's `plot_values`)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    window = max(1, len(steps) // 20)
+    ax.plot(steps["step"], steps["loss"], color="tab:blue", alpha=0.3, lw=1,
+            label="Training loss (step)")
+    ax.plot(steps["step"], steps["loss"].rolling(window, min_periods=1).mean(),
+            color="tab:blue", label=f"Smoothed ({window} steps)")
+    ends = steps.groupby("epoch")["step"].max()
+    for end in ends.iloc[:-1]:
+        ax.axvline(end + 0.5, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("Step")
+    ax.set_ylabel("Loss")
+    ax.legend()
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    ticks = steps.iloc[:: max(1, len(steps) // 5)]
+    top.set_xticks(ticks["step"])
+    top.set_xticklabels([f"{int(n):,}" for n in ticks["examples_seen"]])
+    top.set_xlabel("Examples seen")
+    for ax, metric, label in ((axes[1], "loss", "Loss"), (axes[2], "accuracy", "Accuracy")):
         ax.plot(history["epoch"], history[f"train_{metric}"], "o-", label=f"Training {label}")
         ax.plot(history["epoch"], history[f"val_{metric}"], "s--",
                 label=f"Validation {label}")

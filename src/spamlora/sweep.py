@@ -4,6 +4,7 @@ against rank."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,31 +15,36 @@ COLUMNS = ["experiment", "rev", "rank", "seed", "test_accuracy", "test_f1", "tra
 
 
 def experiments(exp_show: list[dict]) -> pd.DataFrame:
-    """One row per finished experiment (and the workspace/baseline) with metrics."""
-    rows, seen = [], set()
+    """One row per finished experiment with metrics, and per baseline commit whose
+    params no experiment repeats (a sweep that queues the baseline's own settings, e.g.
+    rank 8 / seed 123, would otherwise count that configuration twice)."""
+    rows, seen, configs = [], set(), set()
 
-    def add(rev: dict) -> None:
+    def add(rev: dict, baseline: bool) -> None:
         data = rev.get("data") or {}
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         metrics = data.get("metrics") or {}
         test = (metrics.get("metrics/eval.json") or {}).get("data", {}).get("test")
         train = (metrics.get("metrics/train.json") or {}).get("data", {})
         key = data.get("rev") or rev.get("rev")
-        if not test or key in seen or rev.get("error"):
+        config = json.dumps(params, sort_keys=True)
+        if not test or key in seen or rev.get("error") or (baseline and config in configs):
             return
         seen.add(key)
+        configs.add(config)
         rows.append({"experiment": rev.get("name") or str(key)[:7], "rev": key,
                      "rank": params["lora"]["rank"], "seed": params["train"]["seed"],
                      "test_accuracy": test["accuracy"], "test_f1": test["f1"],
                      "trainable": train.get("parameters", {}).get("trainable")})
 
-    for entry in exp_show:
-        if entry.get("rev") == "workspace":
-            continue  # the same results as one of the experiments or the baseline
-        add(entry)
+    commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]  # workspace:
+    # the same results as one of the experiments or the baseline
+    for entry in commits:
         for experiment in entry.get("experiments") or []:
             for rev in experiment.get("revs") or []:
-                add(rev)
+                add(rev, baseline=False)
+    for entry in commits:
+        add(entry, baseline=True)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

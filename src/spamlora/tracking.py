@@ -1,31 +1,46 @@
 """MLflow bookkeeping for the pipeline's entry points (train, evaluate, plot).
 
-One pipeline run is one MLflow run: `train` creates it and writes its id next to the
-adapter; `evaluate` and `plot` reopen it. The store is the project's own SQLite file at
-the repository root, `DVC_ROOT` when DVC runs the stage (DVC sets it to the main
-workspace even for `--temp` and `--queue` experiments, whose own folders vanish), with
-artifacts under `<root>/mlartifacts`. `MLFLOW_TRACKING_URI` overrides it.
+One pipeline run (`dvc repro`, `dvc exp run`) is one MLflow run. `train` creates it and
+names it in metrics/train.json; `evaluate` and then `plot` continue the run their
+upstream metrics file names (`RUN_ID_KEY`) when it belongs to this pipeline run: it
+carries exactly the current params and that stage has not logged into it yet. Otherwise
+the upstream stage was cached (a run-cache hit, an evaluate-only change, a pulled clone)
+and the stage starts a run of its own: every current param, the training run it reuses
+(`TRAINING_RUN_TAG`), and the upstream metrics copied from the DVC metrics files. So no
+run ever receives the metrics of another experiment.
+
+The store is the project's own SQLite file at the repository root, `DVC_ROOT` when DVC
+runs the stage (DVC sets it to the main workspace even for `--temp` and `--queue`
+experiments, whose own folders vanish), with artifacts under `<root>/mlartifacts`.
+`MLFLOW_TRACKING_URI` overrides it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from urllib.parse import urlparse
 
 from filelock import FileLock
 
+from .config import DataParams
 from .errors import SpamloraError
-from .fileio import read_json, write_json
+from .fileio import read_json
+from .paths import SPLITS, Paths
 
 EXPERIMENT = "spamlora"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+RUN_ID_KEY = "mlflow_run_id"  # in metrics/train.json and eval.json
+TRAINING_RUN_TAG = "spamlora.training_run"
+STAGES_TAG = "spamlora.stages"  # the stages that logged into a run, comma-separated
 
 
 def repo_root() -> Path:
@@ -43,13 +58,30 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(root / STORE_FILE)
 
 
-def _git_commit(cwd: Path) -> str | None:
+def _git(cwd: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def version_tags(stage: str, cwd: Path) -> dict[str, str]:
+    """Enough to rebuild the run: git commit and whether the work tree differed from it,
+    the DVC experiment and its baseline, and MLflow's own source tags (the UI's Source
+    column)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"dvc.yaml:{stage}"}
+    commit = _git(cwd, "rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = tags["mlflow.source.git.commit"] = commit
+        status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = str(bool(status)).lower()
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"),
+                     ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
 
 
 @contextlib.contextmanager
@@ -86,9 +118,9 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                             f"to use the local store mlflow.db.") from None
 
 
-def create_pipeline_run(params: dict[str, object], model_name: str) -> str:
-    """Create the MLflow run of this pipeline run with every parameter and its tags;
-    called first, so an unusable store fails the stage before any compute."""
+def _client():
+    """The store's client, the store set up (tables, experiment) under a lock: parallel
+    queue workers otherwise race to create a fresh SQLite store."""
     import mlflow
 
     root = repo_root()
@@ -99,32 +131,159 @@ def create_pipeline_run(params: dict[str, object], model_name: str) -> str:
     mlflow.set_tracking_uri(uri)
     with _store_lock(root):
         client = mlflow.MlflowClient()
-        experiment_id = _experiment_id(client, root, default_store)
-    tags = {"model.name": model_name}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    commit = _git_commit(Path.cwd())
-    if commit:
-        tags["git.commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, tags=tags,
-                            run_name=os.environ.get("DVC_EXP_NAME") or None)
+        _experiment_id(client, root, default_store)
+    return client
+
+
+def create_run(stage: str, params: dict[str, object], model_name: str,
+               inputs: RunInputs, tags: dict[str, str] | None = None) -> str:
+    """A new MLflow run for this pipeline run, with every parameter, its tags and its
+    data; called first, so an unusable store fails the stage before any compute."""
+    import mlflow
+
+    client = _client()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
+                            tags={"model.name": model_name, STAGES_TAG: stage,
+                                  **version_tags(stage, Path.cwd()),
+                                  **dependency_tags(stage, inputs.deps), **(tags or {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
                                               for k, v in params.items()])
+    _log_datasets(client, run.info.run_id, inputs.splits, inputs.source)
     return run.info.run_id
 
 
-def record_run(run_file: Path, run_id: str) -> None:
-    """Leave the run's id for the later stages (evaluate, plot) to add to it."""
-    write_json(run_file, {"run_id": run_id})
+def run_inputs(stage: str, data: DataParams, paths: Paths) -> RunInputs:
+    """The splits, the dataset they came from, and `stage`'s data dependencies as
+    dvc.yaml lists them (its code dependencies are covered by the git tags)."""
+    import yaml
+
+    deps = yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))[
+        "stages"][stage]["deps"]
+    return RunInputs({name: paths.split(name) for name in SPLITS},
+                     {"data.url": data.url, "data.sha256": data.sha256,
+                      "data.dedupe": data.dedupe},
+                     [paths.root / d for d in deps if not d.startswith(("src/", "stages/"))])
 
 
-def recorded_run(run_file: Path) -> str:
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run is computed from: the splits (logged as datasets), where they came
+    from, and the stage's data dependencies (their hashes become tags)."""
+    splits: dict[str, Path]
+    source: dict[str, object]
+    deps: list[Path]
+
+
+def recorded_run(metrics_file: Path) -> str | None:
+    """The MLflow run a stage's metrics file names (None: it names none)."""
     try:
-        return str(read_json(run_file)["run_id"])
+        run_id = read_json(metrics_file)[RUN_ID_KEY]
     except (FileNotFoundError, KeyError, TypeError, ValueError):
-        raise SpamloraError(f"{run_file}: no MLflow run recorded (run the train stage "
-                           f"first)") from None
+        return None
+    return str(run_id)
+
+
+def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, object],
+                           model_name: str, inputs: RunInputs,
+                           copy_from: list[Path]) -> str:
+    """The run `stage` logs into: the one `upstream_file` names, if this pipeline run
+    made it (it carries exactly `params` and `stage` has not logged into it), else a new
+    one naming the training run and holding the metrics of the `copy_from` files
+    (module docstring)."""
+    import mlflow
+
+    client = _client()
+    upstream_id = recorded_run(upstream_file)
+    if upstream_id is None:
+        raise SpamloraError(f"{upstream_file}: names no MLflow run (run the stage that "
+                            f"writes it first)")
+    try:
+        upstream = client.get_run(upstream_id)
+    except mlflow.exceptions.MlflowException:
+        upstream = None  # e.g. a clone that pulled the outputs but not the store
+    if upstream is not None:
+        stages = upstream.data.tags.get(STAGES_TAG, "").split(",")
+        same_params = all(upstream.data.params.get(k) == str(v) for k, v in params.items())
+        if stage not in stages and same_params:
+            client.set_tag(upstream_id, STAGES_TAG, ",".join([*stages, stage]))
+            return upstream_id
+    training = (upstream.data.tags.get(TRAINING_RUN_TAG, upstream_id) if upstream
+                else upstream_id)
+    run_id = create_run(stage, params, model_name, inputs, {TRAINING_RUN_TAG: training})
+    copied = {k: v for path in copy_from for k, v in _numeric_metrics(read_json(path)).items()}
+    if copied:
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
+                                          for k, v in copied.items()])
+    print(f"{stage}: the upstream stages were not run now; MLflow run {run_id} names the "
+          f"training run {training} it reuses")
+    return run_id
+
+
+def _numeric_metrics(tree: object, prefix: str = "") -> dict[str, float]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_numeric_metrics(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("."): float(tree)}
+    return {}
+
+
+SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
+
+
+def _log_datasets(client, run_id: str, splits: dict[str, Path],
+                  source: dict[str, object]) -> None:
+    """The splits as MLflow dataset inputs of the run (the UI's Datasets column): digest
+    DVC's content hash (md5) of the file, source its path, the upstream data URL and
+    sha256 as tags, context training / validation / testing."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for name, path in splits.items():
+        with warnings.catch_warnings():  # its hint on integer columns: not our concern
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.read_csv(path), source=path.as_posix(),
+                                              name=path.name, digest=file_md5(path))
+            entity = dataset._to_mlflow_entity()
+        tags = {"mlflow.data.context": SPLIT_CONTEXTS[name], "path": path.as_posix(),
+                **{k: str(v) for k, v in source.items()}}
+        inputs.append(DatasetInput(entity, [InputTag(k, v) for k, v in tags.items()]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def file_md5(path: Path) -> str:
+    """DVC 3's hash of a file: the md5 of its bytes."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dependency_tags(stage: str, deps: list[Path]) -> dict[str, str]:
+    """The md5 of each data dependency as DVC hashes it: files hashed here, folders as
+    dvc.lock records them (absent before DVC has written it)."""
+    locked = {}
+    try:
+        import yaml
+
+        lock = yaml.safe_load((repo_root() / "dvc.lock").read_text(encoding="utf-8"))
+        locked = {d["path"]: d.get("md5") for d in lock["stages"][stage]["deps"]}
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    tags = {}
+    for dep in deps:
+        value = file_md5(dep) if dep.is_file() else locked.get(dep.as_posix())
+        if value:
+            tags[f"dvc.dep.{dep.as_posix()}"] = value
+    return tags
 
 
 @contextlib.contextmanager
@@ -132,10 +291,9 @@ def active_run(run_id: str) -> Iterator[object]:
     """The run, active for `mlflow.log_*`; ended as FAILED if the block raises."""
     import mlflow
 
-    check_reachable(tracking_uri())
-    mlflow.set_tracking_uri(tracking_uri())
+    client = _client()
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise SpamloraError(f"MLflow run {run_id} is not in the store {tracking_uri()} "
                            f"(was the store moved or deleted?)") from None

@@ -40,6 +40,8 @@ class EpochRecord:
 class History:
     epochs: list[EpochRecord] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
+    step_epochs: list[int] = field(default_factory=list)  # the epoch of each step
+    step_examples: list[int] = field(default_factory=list)  # examples seen after it
 
 
 def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -117,6 +119,8 @@ def train_classifier(
             correct += batch_correct
             count += len(index)
             history.step_losses.append(batch_loss_sum / len(index))
+            history.step_epochs.append(epoch)
+            history.step_examples.append(seen)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
             if on_step:
                 on_step(step, batch_loss_sum / len(index))
