@@ -116,7 +116,7 @@ def test_batching_does_not_change_probabilities(capsys, adapter, tiny_gpt2):
 
 def test_stdin_and_truncation_warning(capsys, adapter, tiny_gpt2, monkeypatch):
     long = "this message is far longer than twelve tokens, so it will be cut short " * 3
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"ok\n{long}\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"ok\n{long}\n".encode())))
     code, out, err = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "-")
     assert code == 0 and len(out.splitlines()) == 2
     assert "<stdin>, line 2 is longer than 12 tokens and was truncated" in err
@@ -124,7 +124,7 @@ def test_stdin_and_truncation_warning(capsys, adapter, tiny_gpt2, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["", "ok"], "empty message(s) at argument 1"),
+    (["", "ok"], "empty message at argument 1"),
     (["--threshold", "1.5", "x"], "--threshold must lie in [0, 1]"),
     ([], "no messages given"),
     (["--file", "/nonexistent/m.txt"], "/nonexistent/m.txt: not found"),
@@ -133,6 +133,58 @@ def test_bad_input_is_a_clear_error(capsys, adapter, tiny_gpt2, argv, message):
     code, out, err = predict(capsys, adapter, tiny_gpt2, *argv)
     assert code == 1 and out == ""
     assert message in err and "Traceback" not in err
+
+
+def test_lines_end_at_newline_only_and_bad_rows_stop_before_any_output(
+        capsys, adapter, tiny_gpt2, tmp_path):
+    (tmp_path / "m.txt").write_bytes("page\x0cbreak\nnext\x85line\u2028sep\r\nok\n"
+                                      .encode())
+    code, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                           str(tmp_path / "m.txt"))
+    assert code == 0
+    assert [json.loads(x)["text"] for x in out.rstrip("\n").split("\n")] == [
+        "page\x0cbreak", "next\x85line\u2028sep", "ok"]
+    (tmp_path / "short.csv").write_text("n,body\n1,fine\n2\n3,also fine\n")
+    code, out, err = predict(capsys, adapter, tiny_gpt2, "--file", str(tmp_path / "short.csv"),
+                             "--text-column", "body")
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert "short.csv, row 3: 1 field(s), but the header has 2" in err
+    (tmp_path / "gap.txt").write_text("fine\n" * 3000 + "\n" + "late\n")
+    code, out, err = predict(capsys, adapter, tiny_gpt2, "--file", str(tmp_path / "gap.txt"))
+    assert code == 1 and out == "" and "empty message at " in err and "line 3001" in err
+
+
+STREAM = """
+import resource, sys
+from spamlora.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="peak RSS via resource (POSIX)")
+def test_a_large_file_is_streamed_in_input_order_with_bounded_memory(adapter, tiny_gpt2,
+                                                                     tmp_path):
+    def run(n):
+        path = tmp_path / f"m{n}.txt"
+        path.write_text("".join(f"msg {i} free prize\n" if i % 3 else f"see you {i}\n"
+                                for i in range(n)))
+        proc = subprocess.run(
+            [sys.executable, "-c", STREAM, "predict", "--adapter", str(adapter),
+             "--weights", str(tiny_gpt2), "--precision", "fp32", "--format", "csv",
+             "--file", str(path)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout, int(proc.stderr.split()[-1]) * 1024  # ru_maxrss: KiB
+
+    small_out, small_rss = run(1_000)
+    large_out, large_rss = run(200_000)
+    rows = list(csv.DictReader(io.StringIO(large_out)))
+    assert len(rows) == 200_000 and len(small_out.splitlines()) == 1_001
+    assert [r["text"] for r in rows[1020:1030]] == [
+        f"msg {i} free prize" if i % 3 else f"see you {i}" for i in range(1020, 1030)]
+    assert rows[-1]["text"] == "msg 199999 free prize"
+    assert large_rss - small_rss < 200 * 2**20, (small_rss, large_rss)
 
 
 def test_missing_adapter_and_adapter_for_another_base(capsys, adapter, tiny_gpt2, tmp_path):

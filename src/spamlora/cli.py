@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import itertools
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .config import DownloadParams, ModelParams
@@ -62,61 +65,100 @@ def _sweep_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/experiments.csv, by_rank.md, accuracy_vs_rank.png")
 
 
-def _read_messages(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The messages and, for error messages, where each came from."""
+CHUNK_MESSAGES = 1024  # scored, then written, at a time: memory bounded by this
+
+
+def _open_text(path: str):
+    """A text stream that ends lines at "\n" only (a "\r" before it is dropped later):
+    str.splitlines would also split messages at \x0c, \x85 or \u2028."""
+    if path == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    try:
+        return open(path, encoding="utf-8", newline="\n")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: not found") from None
+
+
+def _messages(handle, name: str, text_column: str | None) -> Iterator[tuple[str, str]]:
+    """(message, where it came from) for each line or CSV row of `handle`."""
+    try:
+        if text_column:
+            reader = csv.reader(handle)
+            header = next(reader, None) or []
+            if text_column not in header:
+                raise UsageError(f"{name}: no column {text_column!r} (columns: {header})")
+            column = header.index(text_column)
+            for row in reader:
+                where = f"{name}, row {reader.line_num}"
+                if len(row) <= column:
+                    raise UsageError(f"{where}: {len(row)} field(s), but the header has "
+                                     f"{len(header)}: no {text_column!r} value")
+                yield row[column], where
+        else:
+            for number, line in enumerate(handle, start=1):
+                yield line.removesuffix("\n").removesuffix("\r"), f"{name}, line {number}"
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{name}: not valid UTF-8 ({e})") from None
+
+
+def _checked(messages: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    any_message = False
+    for text, where in messages:
+        if not text.strip():
+            raise UsageError(f"empty message at {where}")
+        any_message = True
+        yield text, where
+    if not any_message:
+        raise UsageError("no messages given (pass text, --file FILE, or - for stdin)")
+
+
+def _read_messages(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """The messages and where each came from, read lazily. A file is checked whole
+    first (empty messages, short CSV rows, bad UTF-8), so a bad line stops the command
+    before it prints anything; stdin can be read once only and is checked as it goes."""
     if args.file and args.texts:
         raise UsageError("give messages as arguments or with --file, not both")
-    if args.file:
-        source = sys.stdin if args.file == "-" else None
-        name = "<stdin>" if source else args.file
-        try:
-            handle = source or open(args.file, encoding="utf-8", newline="")
-        except FileNotFoundError:
-            raise UsageError(f"{args.file}: not found") from None
-        try:
-            with handle:
-                if args.text_column:
-                    reader = csv.DictReader(handle)
-                    if args.text_column not in (reader.fieldnames or []):
-                        raise UsageError(f"{name}: no column {args.text_column!r} (columns: "
-                                         f"{reader.fieldnames})")
-                    rows = [row[args.text_column] for row in reader]
-                    where = [f"{name}, row {i}" for i in range(2, len(rows) + 2)]
-                else:
-                    rows = handle.read().splitlines()
-                    where = [f"{name}, line {i}" for i in range(1, len(rows) + 1)]
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{name}: not valid UTF-8 ({e})") from None
-    elif args.texts == ["-"]:
-        rows = sys.stdin.read().splitlines()
-        where = [f"<stdin>, line {i}" for i in range(1, len(rows) + 1)]
-    else:
-        rows = list(args.texts)
-        where = [f"argument {i}" for i in range(1, len(rows) + 1)]
-    if not rows:
-        raise UsageError("no messages given (pass text, --file FILE, or - for stdin)")
-    empty = [w for w, text in zip(where, rows, strict=True) if not text.strip()]
-    if empty:
-        raise UsageError(f"empty message(s) at {', '.join(empty[:5])}"
-                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
-    return rows, where
+    source = args.file or ("-" if args.texts == ["-"] else None)
+    if source is None:
+        return _checked((text, f"argument {i}") for i, text in enumerate(args.texts, 1))
+    name = "<stdin>" if source == "-" else source
+    if source != "-":
+        with _open_text(source) as handle:
+            for _ in _checked(_messages(handle, name, args.text_column)):
+                pass
+
+    def stream() -> Iterator[tuple[str, str]]:
+        with _open_text(source) as handle:
+            yield from _checked(_messages(handle, name, args.text_column))
+
+    return stream()
 
 
-def _write(results: list[dict], fmt: str) -> None:
-    if fmt == "jsonl":
-        for row in results:
-            print(json.dumps(row, ensure_ascii=False))
-    elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
-    else:
-        width = 60
-        print(f"{'label':<6} {'spam_prob':>9}  message")
-        for row in results:
-            text = row["text"].replace("\n", " ")
-            text = text if len(text) <= width else text[: width - 1] + "…"
-            print(f"{row['label']:<6} {row['spam_probability']:>9.4f}  {text}")
+class _Writer:
+    """Writes results as they come: a CSV header or the table's once, then rows."""
+
+    def __init__(self, fmt: str):
+        self.fmt, self.started = fmt, False
+
+    def write(self, results: list[dict]) -> None:
+        if self.fmt == "jsonl":
+            for row in results:
+                print(json.dumps(row, ensure_ascii=False))
+        elif self.fmt == "csv":
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(results[0]))
+            if not self.started:
+                writer.writeheader()
+            writer.writerows(results)
+        else:
+            width = 60
+            if not self.started:
+                print(f"{'label':<6} {'spam_prob':>9}  message")
+            for row in results:
+                text = row["text"].replace("\n", " ")
+                text = text if len(text) <= width else text[: width - 1] + "…"
+                print(f"{row['label']:<6} {row['spam_probability']:>9.4f}  {text}")
+        self.started = True
+        sys.stdout.flush()
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -124,17 +166,29 @@ def _predict(args: argparse.Namespace) -> None:
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    texts, where = _read_messages(args)
+    messages = _read_messages(args)
+    first = next(messages)  # an empty input fails here, before the model loads
     predictor = Predictor(args.weights, args.adapter, device=args.device,
                           precision=args.precision, batch_size=args.batch_size,
                           strict=args.strict)
-    probs, truncated = predictor.spam_probabilities(texts)
-    for i in truncated:
-        print(f"warning: {where[i]} is longer than {predictor.spec.max_length} tokens and "
-              f"was truncated", file=sys.stderr)
-    results = [{"text": t, "label": "spam" if p >= args.threshold else "ham",
-                "spam_probability": float(p)} for t, p in zip(texts, probs, strict=True)]
-    _write(results, args.format)
+    writer = _Writer(args.format)
+    chunk = [first]
+    for item in itertools.chain(messages, [None]):
+        if item is not None:
+            chunk.append(item)
+            if len(chunk) < CHUNK_MESSAGES:
+                continue
+        if not chunk:
+            break
+        texts = [text for text, _ in chunk]
+        probs, truncated = predictor.spam_probabilities(texts)
+        for i in truncated:
+            print(f"warning: {chunk[i][1]} is longer than {predictor.spec.max_length} "
+                  f"tokens and was truncated", file=sys.stderr)
+        writer.write([{"text": t, "label": "spam" if p >= args.threshold else "ham",
+                       "spam_probability": float(p)}
+                      for t, p in zip(texts, probs, strict=True)])
+        chunk = []
 
 
 def build_parser() -> argparse.ArgumentParser:
