@@ -4,6 +4,7 @@ import dataclasses
 import os
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -279,3 +280,43 @@ def test_train_stage_in_two_processes_logs_one_run_from_rank_0(workspace):
     assert run.data.params["train.nproc"] == "2"
     steps = client.get_metric_history(run.info.run_id, "step_loss")
     assert [m.step for m in steps] == list(range(1, 8))  # ceil(50 / 8), not per process
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table")
+def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(workspace):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"nproc": 2, "epochs": 50, "precision": "fp32"})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_ROOT": str(workspace)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    stage = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py")],
+                             cwd=workspace, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+
+    def group() -> list[str]:  # torchrun and every process under it
+        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True,
+                             text=True).stdout.split()
+        children: dict[str, list[str]] = {}
+        for pid, ppid in zip(out[::2], out[1::2], strict=True):
+            children.setdefault(ppid, []).append(pid)
+        found, todo = [], list(children.get(str(stage.pid), []))
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
+    deadline = time.monotonic() + 120
+    for line in stage.stdout:  # rank 0 prints the summary once the workers are up
+        if "LM + LoRA (before head swap)" in line or time.monotonic() > deadline:
+            break
+    members = group()
+    assert len(members) >= 3, members  # torchrun and two workers
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while group_alive := [p for p in members if os.path.exists(f"/proc/{p}")]:
+        assert time.monotonic() < deadline, f"still running: {group_alive}"
+        time.sleep(0.5)
+    assert not Paths(workspace).adapter.exists()

@@ -8,6 +8,7 @@ process), gloo on CPU. Only rank 0 writes outputs and talks to MLflow.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,9 +21,34 @@ def under_torchrun() -> bool:
 
 
 def relaunch(script: str, nproc: int) -> int:
-    """Run `script` in `nproc` processes on this machine; their exit status."""
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={nproc}", script])
+    """Run `script` in `nproc` processes on this machine; their exit status.
+
+    torchrun and its workers get a process group of their own, and a SIGINT or SIGTERM
+    to this process is passed on to the whole group, so stopping the stage stops them
+    all (they would otherwise keep training, orphaned, holding memory and cores). On
+    Windows the group is a console process group, reached with CTRL_BREAK_EVENT."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", script]
+    if os.name == "posix":
+        proc = subprocess.Popen(command, start_new_session=True)
+    else:
+        proc = subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+
+    def forward(signum, frame):
+        if proc.poll() is not None:
+            return
+        if os.name == "posix":
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signal.CTRL_BREAK_EVENT)
+
+    handled = [signal.SIGINT, signal.SIGTERM]
+    previous = {signum: signal.signal(signum, forward) for signum in handled}
+    try:
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def backend(device: torch.device) -> str:
