@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -213,7 +214,8 @@ def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, ob
     run_id = create_run(stage, params, model_name, inputs, {TRAINING_RUN_TAG: training})
     copied = {k: v for path in copy_from for k, v in _numeric_metrics(read_json(path)).items()}
     if copied:
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0)
                                           for k, v in copied.items()])
     print(f"{stage}: the upstream stages were not run now; MLflow run {run_id} names the "
           f"training run {training} it reuses")
