@@ -198,7 +198,8 @@ def test_the_hubs_own_gpt2_config_is_read_as_the_gpt2_preset(tmp_path):
     assert file_sha256(HUB_CONFIG) == PINS["gpt2"].sha256["config.json"]
     from spamlora.model import GPTConfig
 
-    folder = make_hf_gpt2(tmp_path, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+    folder = make_hf_gpt2(tmp_path, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                          tokenizer=False, vocab_size=50257)  # with or without ../shared
     shutil.copy(HUB_CONFIG, folder / "config.json")
     assert read_config(folder) == GPTConfig.preset("gpt2")
     assert load_gpt2(folder).cfg == GPTConfig.preset("gpt2")
