@@ -18,6 +18,7 @@ from spamlora.config import Params
 from spamlora.data import read_labelled_csv, write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import write_json
+from spamlora.mlflow_model import BaseReference, log_model
 from spamlora.paths import Paths
 from spamlora.precision import resolve_device, resolve_precision, run_facts
 from spamlora.tokenizer import Tokenizer
@@ -85,7 +86,7 @@ def main(params: Params) -> None:
         if main_process:
             mlflow.log_metric("train_seconds", time.perf_counter() - start)
             save_adapter(model, spec, paths.adapter)
-            mlflow.log_artifact(str(paths.adapter), "adapter")
+            log_model(paths.adapter, BaseReference.of_folder(paths.base_model, params.model))
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({

@@ -93,6 +93,31 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return make_hf_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
+@pytest.fixture(scope="session")
+def adapter(tmp_path_factory, tiny_gpt2):
+    """A classifier adapter on `tiny_gpt2` with non-zero LoRA, as after training."""
+    import torch
+
+    from spamlora.adapter import AdapterSpec, save_adapter
+    from spamlora.classifier import build_classifier
+    from spamlora.lora import LinearWithLoRA
+    from spamlora.weights import load_gpt2
+
+    folder = tmp_path_factory.mktemp("adapter")
+    base = load_gpt2(tiny_gpt2)
+    spec = AdapterSpec("gpt2", base.cfg, rank=4, alpha=4, max_length=12, pad_id=50256
+                       if base.cfg.vocab_size == 50257 else 256)
+    model = build_classifier(base, spec, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_(std=0.3)
+        model.out_head.weight.normal_(std=2.0)
+    save_adapter(model, spec, folder / "adapter.safetensors")
+    return folder / "adapter.safetensors"
+
+
 @dataclass
 class Route:
     body: bytes = b""

@@ -14,13 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spamlora.adapter import AdapterSpec, read_adapter, save_adapter
-from spamlora.classifier import build_classifier
+from spamlora.adapter import read_adapter
 from spamlora.cli import main
 from spamlora.config import load_params
-from spamlora.lora import LinearWithLoRA
 from spamlora.paths import Paths
-from spamlora.weights import load_gpt2
 
 from .conftest import REPO, make_hf_gpt2
 from .test_tracking import stage_main, workspace  # noqa: F401 (fixture)
@@ -45,24 +42,6 @@ def test_summary_of_a_weights_folder(capsys, tiny_gpt2):
     code, out, _ = run_cli(capsys, "summary", "--weights", str(tiny_gpt2), "--lora-rank",
                            "2", "--num-classes", "3")
     assert code == 0 and "Classifier (3-class head)" in out
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_gpt2):
-    """A classifier adapter with non-zero LoRA, as after training."""
-    folder = tmp_path_factory.mktemp("adapter")
-    base = load_gpt2(tiny_gpt2)
-    spec = AdapterSpec("gpt2", base.cfg, rank=4, alpha=4, max_length=12, pad_id=50256
-                       if base.cfg.vocab_size == 50257 else 256)
-    model = build_classifier(base, spec, seed=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LinearWithLoRA):
-                m.lora.B.normal_(std=0.3)
-        model.out_head.weight.normal_(std=2.0)
-    save_adapter(model, spec, folder / "adapter.safetensors")
-    return folder / "adapter.safetensors"
 
 
 def predict(capsys, adapter, tiny_gpt2, *argv):

@@ -181,6 +181,56 @@ def test_two_queued_experiments_on_two_workers_both_land(pipeline):
     assert os.path.isdir(ws / "mlartifacts")
 
 
+def spamlora(ws, *args, **extra_env):
+    proc = subprocess.run([sys.executable, "-m", "spamlora.cli", *args], cwd=ws,
+                          env={**env(ws), **extra_env}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def probabilities(jsonl: str) -> list[float]:
+    return [json.loads(line)["spam_probability"] for line in jsonl.splitlines()]
+
+
+MESSAGES = ["WINNER!! claim your free prize now", "ok see you at 5"]
+
+
+def test_promote_an_experiment_then_predict_from_the_registry(pipeline, tmp_path):
+    ws, _, _ = pipeline
+    client, runs = mlflow_runs(ws)
+    exp_run = next(r for r in runs if r.data.params["lora.rank"] == "4"
+                   and TRAINING_RUN_TAG not in r.data.tags)
+    out = spamlora(ws, "promote", "--exp", exp_run.data.tags["dvc.exp_name"])
+    assert f"from run {exp_run.info.run_id}" in out
+    assert "models:/spamlora-sms@champion" in out
+    # The workspace holds this experiment's adapter: the registry's model, loaded in a
+    # fresh process, scores as the files do.
+    predict = ("predict", "--precision", "fp32", "--format", "jsonl", *MESSAGES)
+    by_files = probabilities(spamlora(ws, *predict))
+    by_alias = probabilities(spamlora(ws, *predict, "--model",
+                                      "models:/spamlora-sms@champion"))
+    by_run = probabilities(spamlora(ws, *predict, "--model",
+                                    f"runs:/{exp_run.info.run_id}/model"))
+    assert by_alias == pytest.approx(by_files, abs=1e-4)
+    assert by_run == pytest.approx(by_files, abs=1e-4)
+
+    # The best of all five runs; a queued one trained in a temporary copy that is gone,
+    # so its base comes from the cache, downloaded from the recorded URL.
+    best = max((r for r in runs if "test.accuracy" in r.data.metrics),
+               key=lambda r: r.data.metrics["test.accuracy"])
+    out = spamlora(ws, "promote", "--best", "test.accuracy")
+    assert "version 2 " in out
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    scored = probabilities(spamlora(ws, *predict, "--model", "models:/spamlora-sms@champion",
+                                    **cache))
+    assert len(scored) == 2
+    champion = client.get_model_version_by_alias("spamlora-sms", "champion")
+    assert str(champion.version) == "2"
+    chosen = client.get_run(champion.tags["chosen_run"])
+    assert chosen.data.metrics["test.accuracy"] == best.data.metrics["test.accuracy"]
+
+
 def test_sweep_report_from_dvc_exp_show(pipeline):
     ws, _, _ = pipeline
     proc = subprocess.run([str(Path(sys.executable).parent / "spamlora"), "sweep-report"],

@@ -22,6 +22,7 @@ from spamlora.data import write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import read_json
 from spamlora.paths import Paths
+from spamlora.registry import promote
 from spamlora.tracking import (
     ARTIFACT_DIR,
     EXPERIMENT,
@@ -97,8 +98,9 @@ def test_one_run_holds_params_metrics_artifacts_and_tags(workspace):
         assert facts["precision"] == "float32" and facts["device"] == "cpu"
         assert facts["torch"] == torch.__version__ and facts["hardware"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "model_summary.txt", "eval.json", "test_predictions.csv",
-            "figures"} <= artifacts
+    assert {"model_summary.txt", "eval.json", "test_predictions.csv", "figures"} <= artifacts
+    (model,) = client.search_logged_models([experiment.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert figures == {"figures/history.png", "figures/confusion.png", "figures/roc.png"}
     assert (workspace / ARTIFACT_DIR).is_dir()
@@ -248,10 +250,13 @@ def test_a_tracking_server_receives_the_pipeline_run(workspace, mlflow_server, m
     experiment = client.get_experiment_by_name(EXPERIMENT)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["lora.rank"] == "8" and "test.accuracy" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} == {
-        "adapter/adapter.safetensors"}
     assert not (workspace / STORE_FILE).exists()
-    assert any((root / "artifacts").rglob("adapter.safetensors"))
+    assert any((root / "artifacts").rglob("adapter.safetensors"))  # in the logged model
+    # The server's registry: promote, then load by alias through the server alone.
+    done = promote(best="test.accuracy")
+    assert done.run_id == run.info.run_id
+    loaded = mlflow.pyfunc.load_model(done.alias_uri, model_config={"precision": "fp32"})
+    assert list(loaded.predict(["win a prize now"]).columns) == ["label", "spam_probability"]
 
     proc.terminate()
     proc.wait(timeout=30)

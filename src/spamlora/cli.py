@@ -1,4 +1,4 @@
-"""The `spamlora` command: summary, predict, download-model, sweep-report."""
+"""The `spamlora` command: summary, predict, promote, download-model, sweep-report."""
 
 from __future__ import annotations
 
@@ -168,9 +168,18 @@ def _predict(args: argparse.Namespace) -> None:
         raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
     messages = _read_messages(args)
     first = next(messages)  # an empty input fails here, before the model loads
-    predictor = Predictor(args.weights, args.adapter, device=args.device,
-                          precision=args.precision, batch_size=args.batch_size,
-                          strict=args.strict)
+    if args.model:
+        from .mlflow_model import load_predictor
+
+        if args.adapter:
+            raise UsageError("give --model or --adapter, not both")
+        predictor = load_predictor(args.model, args.weights, device=args.device,
+                                   precision=args.precision, batch_size=args.batch_size)
+    else:
+        predictor = Predictor(args.weights or Paths().base_model,
+                              args.adapter or Paths().adapter, device=args.device,
+                              precision=args.precision, batch_size=args.batch_size,
+                              strict=args.strict)
     writer = _Writer(args.format)
     chunk = [first]
     for item in itertools.chain(messages, [None]):
@@ -189,6 +198,19 @@ def _predict(args: argparse.Namespace) -> None:
                        "spam_probability": float(p)}
                       for t, p in zip(texts, probs, strict=True)])
         chunk = []
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from .registry import promote
+
+    if args.lowest and not args.best:
+        raise UsageError("--lowest goes with --best METRIC")
+    done = promote(args.run, args.exp, args.best, args.lowest, args.name, args.alias)
+    via = "" if done.run_id == done.chosen_run_id else (
+        f" (chosen run {done.chosen_run_id} reused its training)")
+    print(f"registered {done.name} version {done.version} from run {done.run_id}{via}")
+    print(f"alias {done.alias!r} -> version {done.version}: {done.alias_uri}")
+    print(f"this version: {done.version_uri}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,9 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="a file of messages, one a line ('-': stdin), or a CSV "
                                   "with --text-column")
     p.add_argument("--text-column", help="read --file as CSV and take this column")
-    p.add_argument("--adapter", type=Path, default=Paths().adapter)
-    p.add_argument("--weights", type=Path, default=Paths().base_model,
-                   help="the base GPT-2 folder the adapter was trained on")
+    p.add_argument("--adapter", type=Path,
+                   help=f"an adapter file (default: {Paths().adapter})")
+    p.add_argument("--weights", type=Path,
+                   help=f"the base GPT-2 folder the adapter was trained on (default: "
+                        f"{Paths().base_model}; with --model: the base the logged model "
+                        f"references is found or downloaded)")
+    p.add_argument("--model", metavar="URI",
+                   help="a logged model instead of --adapter: runs:/<run id>/model or "
+                        "models:/spamlora-sms@champion (the store: MLFLOW_TRACKING_URI, "
+                        "else ./mlflow.db)")
     p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="spam when the spam probability is at least this")
@@ -251,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a base model whose files differ from those the adapter "
                         "was trained on (default: a warning)")
     p.set_defaults(func=_predict)
+
+    m = sub.add_parser("promote", help="register one run's model in the MLflow Model "
+                                       "Registry and move an alias to it")
+    which = m.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="RUN_ID")
+    which.add_argument("--exp", metavar="DVC_EXP_NAME",
+                       help="the newest finished run of this DVC experiment")
+    which.add_argument("--best", metavar="METRIC",
+                       help="the finished run with the highest METRIC, e.g. test.accuracy")
+    m.add_argument("--lowest", action="store_true", help="with --best: the lowest wins")
+    m.add_argument("--name", default="spamlora-sms", help="registered model name")
+    m.add_argument("--alias", default="champion")
+    m.set_defaults(func=_promote)
     return parser
 
 

@@ -119,6 +119,21 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                             f"to use the local store mlflow.db.") from None
 
 
+def connect():
+    """A client of the project's store (`MLFLOW_TRACKING_URI`, else mlflow.db at the
+    repository root), made the default of `mlflow.*` too; for reading an existing store
+    (the CLI), so a missing one is an error rather than created empty."""
+    import mlflow
+
+    uri = tracking_uri()
+    if "MLFLOW_TRACKING_URI" not in os.environ and not (repo_root() / STORE_FILE).is_file():
+        raise SpamloraError(f"no MLflow store here ({repo_root() / STORE_FILE}): run the "
+                            f"pipeline first, or set MLFLOW_TRACKING_URI")
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
 def _client():
     """The store's client, the store set up (tables, experiment) under a lock: parallel
     queue workers otherwise race to create a fresh SQLite store."""

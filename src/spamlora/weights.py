@@ -154,18 +154,19 @@ def fetch_model(name: str, base_url: str, dest: str | Path, timeout: float, retr
     return record
 
 
-def base_fingerprint(folder: str | Path) -> dict[str, str]:
-    """The sha256 of the files that make a base model's weights (config.json,
-    model.safetensors): from the folder's download.json where it records them for files
-    of the size found (download_model verified them while downloading), else computed
-    (~1.5 s for GPT-2 124M)."""
+def base_fingerprint(folder: str | Path,
+                     files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> dict[str, str]:
+    """The sha256 of `files` of a base model folder (by default those that make its
+    weights): from the folder's download.json where it records them for files of the
+    size found (download_model verified them while downloading), else computed (~1.5 s
+    for GPT-2 124M)."""
     folder = Path(folder)
     try:
         record = read_json(folder / DOWNLOAD_RECORD)
     except (OSError, ValueError):
         record = {}
     fingerprint = {}
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in files:
         entry = record.get(name) if isinstance(record, dict) else None
         if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and entry.get("bytes") == (folder / name).stat().st_size):

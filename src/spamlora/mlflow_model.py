@@ -1,0 +1,223 @@
+"""The trained classifier as an MLflow pyfunc model that references its base weights.
+
+A logged model holds the adapter (~5 MB for GPT-2 124M, rank 8) and, in its
+`model_config`, a reference to the base: the preset name, where it was downloaded from
+and the sha256 of each of its four files. Never the base itself: every run would
+otherwise copy 0.5-6 GB into the artifact store. At load time the base is looked for, in
+order (`find_base`):
+
+1. an explicit folder: `model_config={"base_model": ...}` or `SPAMLORA_BASE_MODEL`;
+2. the folder it was trained from, if it still holds the same files;
+3. the cache `$XDG_CACHE_HOME/spamlora/models/<name>-<12 hex of the weights' sha256>`
+   (default `~/.cache/...`);
+4. a download from the recorded URL into that cache, every file verified.
+
+A base whose files differ from the reference is refused, naming the file. Loading then
+goes through `Predictor`, the code `spamlora predict` and the evaluate stage use: LoRA
+merged, packed inference, the same probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from .config import DownloadParams, ModelParams
+from .errors import SpamloraError
+from .hub import MODEL_FILES, file_sha256
+from .predictor import Predictor
+from .weights import base_fingerprint, fetch_model
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name in every run
+BASE_MODEL_ENV = "SPAMLORA_BASE_MODEL"
+ADAPTER_ARTIFACT = "adapter"
+TEXT_COLUMN = "text"
+# Unnamed, so that `{"inputs": ["msg", ...]}` and a plain list pass MLflow's schema
+# check (a named column refuses them); `predict` then takes the `text` column.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]))
+INPUT_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize reward! Call now",
+                 "Are we still on for lunch tomorrow?"]
+# What a logged model's `model_config` holds besides its base reference; each can be
+# overridden at load time, as can `base_model` and `download` (DownloadParams' fields).
+DEFAULT_CONFIG = {"device": "auto", "precision": "auto", "batch_size": 64, "threshold": 0.5}
+# What the model needs at load time besides spamlora itself (not on PyPI: the model is
+# served where spamlora is installed, `--env-manager local`).
+RUNTIME_PACKAGES = ("torch", "tiktoken", "safetensors", "numpy", "pandas", "mlflow")
+
+
+class BaseModelError(SpamloraError):
+    """No base model with the files the adapter was trained on could be found."""
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """Which base an adapter needs, by content: each of its files' sha256."""
+    name: str
+    url: str  # the folder it was downloaded from (revision filled in)
+    revision: str  # the Hub commit, to find the files in a Hugging Face cache
+    sha256: dict[str, str]  # every file of hub.MODEL_FILES
+    trained_from: str  # the absolute folder it was trained from
+
+    @classmethod
+    def of_folder(cls, folder: Path, model: ModelParams) -> BaseReference:
+        """The reference of the base model in `folder`, downloaded per `model`."""
+        return cls(model.name, model.base_url, model.resolved_revision,
+                   base_fingerprint(folder, MODEL_FILES), str(Path(folder).resolve()))
+
+    @property
+    def cache_folder(self) -> Path:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+        return cache / "spamlora" / "models" / (
+            f"{self.name}-{self.sha256['model.safetensors'][:12]}")
+
+    def mismatch(self, folder: Path) -> str | None:
+        """Why `folder` is not this base (the first file missing or different), or None."""
+        for file in MODEL_FILES:
+            path = folder / file
+            if not path.is_file():
+                return f"{path} is missing"
+            got = file_sha256(path)
+            if got != self.sha256[file]:
+                return (f"{path} has sha256 {got}, but the adapter was trained on a base "
+                        f"whose {file} has {self.sha256[file]}")
+        return None
+
+
+def find_base(ref: BaseReference, explicit: str | Path | None,
+              download: DownloadParams | None = None) -> Path:
+    """The folder holding `ref`'s files (module docstring for the order). An explicit
+    folder that differs is an error, not skipped: the user asked for that one."""
+    download = download or DownloadParams()
+    explicit = explicit or os.environ.get(BASE_MODEL_ENV)
+    if explicit:
+        folder = Path(explicit)
+        if why := ref.mismatch(folder):
+            raise BaseModelError(f"base model {folder} refused: {why}")
+        return folder
+    trained_from = Path(ref.trained_from)
+    if trained_from.is_dir():
+        why = ref.mismatch(trained_from)
+        if why is None:
+            return trained_from
+        log.info("not using the folder the adapter was trained from: %s", why)
+    cache = ref.cache_folder
+    if cache.is_dir():
+        why = ref.mismatch(cache)
+        if why is None:
+            return cache
+        log.warning("cached base model %s is damaged (%s): downloading it again", cache, why)
+    log.info("downloading base model %s from %s into %s", ref.name, ref.url, cache)
+    try:
+        fetch_model(ref.name, ref.url, cache, download.timeout, download.retries,
+                    ref.revision, ref.sha256)
+    except SpamloraError as e:
+        raise BaseModelError(f"base model {ref.name} for this adapter is not on this "
+                             f"machine and could not be downloaded: {e}. Set "
+                             f"{BASE_MODEL_ENV} to a folder holding it.") from None
+    return cache
+
+
+def model_texts(model_input: object) -> list[str]:
+    """The messages of a pyfunc input: a list of strings, or a DataFrame whose `text`
+    column (or only, unnamed column) holds them. Anything else is a ValueError, which
+    MLflow's scoring server answers with HTTP 400."""
+    if isinstance(model_input, pd.DataFrame):
+        columns = list(model_input.columns)
+        if TEXT_COLUMN in columns:
+            column = TEXT_COLUMN
+        elif columns == [0]:  # a list or `inputs` payload, after MLflow's schema check
+            column = 0
+        else:
+            raise ValueError(f"expected a {TEXT_COLUMN!r} column, got columns {columns}")
+        values = model_input[column].tolist()
+    elif isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
+        values = list(model_input)
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        raise ValueError(f"expected a list of messages or a DataFrame with a "
+                         f"{TEXT_COLUMN!r} column, got {type(model_input).__name__}")
+    if not values:
+        raise ValueError("no messages given")
+    for i, text in enumerate(values):
+        if not isinstance(text, str):
+            raise ValueError(f"message {i} is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"message {i} is empty")
+    return values
+
+
+class SpamloraModel(mlflow.pyfunc.PythonModel):
+    """Loads the base and adapter once per process, LoRA merged (Predictor). MLflow's
+    scoring server calls `predict` from a thread per request: one scores at a time, as
+    concurrent calls would only split the same cores between them."""
+
+    def load_context(self, context) -> None:
+        self.lock = threading.Lock()
+        config = {**DEFAULT_CONFIG, **context.model_config}
+        self.threshold = float(config["threshold"])
+        base = find_base(BaseReference(**config["base"]), config.get("base_model"),
+                         DownloadParams(**config.get("download", {})))
+        self.predictor = Predictor(base, context.artifacts[ADAPTER_ARTIFACT],
+                                   device=config["device"], precision=config["precision"],
+                                   batch_size=int(config["batch_size"]), strict=True)
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        texts = model_texts(model_input)
+        with self.lock:
+            probs, truncated = self.predictor.spam_probabilities(texts)
+        for i in truncated:
+            log.warning("message %d is longer than %d tokens and was truncated", i,
+                        self.predictor.spec.max_length)
+        return pd.DataFrame({"label": np.where(probs >= self.threshold, "spam", "ham"),
+                             "spam_probability": probs})
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def log_model(adapter: Path, base: BaseReference) -> str:
+    """Log the classifier as model `MODEL_NAME` of the active run; its model URI.
+    MLflow loads it once while logging, to check that the input example scores."""
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME, python_model=SpamloraModel(),
+        artifacts={ADAPTER_ARTIFACT: str(adapter)},
+        model_config={"base": asdict(base), **DEFAULT_CONFIG},
+        signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=_requirements())
+    return info.model_uri
+
+
+def load_predictor(model_uri: str, base_model: str | Path | None = None,
+                   **config: object) -> Predictor:
+    """The Predictor inside a logged model (`runs:/...`, `models:/...`), for
+    `spamlora predict --model`; `config` overrides its model_config (device, ...)."""
+    overrides = {**config, **({"base_model": str(base_model)} if base_model else {})}
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri, model_config=overrides or None)
+    except mlflow.exceptions.MlflowException as e:
+        raise SpamloraError(f"cannot load model {model_uri}: {e.message}") from None
+    model = loaded.unwrap_python_model()
+    if not isinstance(model, SpamloraModel):
+        raise SpamloraError(f"{model_uri} is not a spamlora model")
+    return model.predictor

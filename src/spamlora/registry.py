@@ -1,0 +1,145 @@
+"""Promotion: one run's logged model registered in the MLflow Model Registry, an alias
+moved to it. Runs are never registered automatically: a registry is for promotions.
+
+A run is chosen by id, by DVC experiment name (the `dvc.exp_name` tag), or as the best
+finished run of the experiment by a metric. A run that only evaluated a cached training
+(tagged `spamlora.training_run`) promotes the model of the run that trained it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SpamloraError
+from .mlflow_model import MODEL_NAME
+from .tracking import EXPERIMENT, TRAINING_RUN_TAG, connect
+
+REGISTERED_NAME = "spamlora-sms"
+DEFAULT_ALIAS = "champion"
+
+
+class PromotionError(SpamloraError):
+    pass
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    version: str
+    alias: str
+    run_id: str  # the run whose model was registered
+    chosen_run_id: str  # the run chosen (differs when it reused another's training)
+
+    @property
+    def alias_uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+    @property
+    def version_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _experiment_id(client) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise PromotionError(f"the tracking store has no experiment {EXPERIMENT!r}: run the "
+                             f"pipeline first")
+    return experiment.experiment_id
+
+
+def _finished_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    status = "attributes.status = 'FINISHED'"
+    return client.search_runs([experiment_id], " and ".join(
+        f for f in (status, filter_string) if f), order_by=["attributes.start_time DESC"])
+
+
+def choose_run(client, run_id: str | None = None, exp: str | None = None,
+               best: str | None = None, lowest: bool = False):
+    """The run named by exactly one of `run_id`, `exp` (DVC experiment name) or `best`
+    (a metric: the highest wins, the lowest with `lowest`)."""
+    import mlflow
+
+    if sum(x is not None for x in (run_id, exp, best)) != 1:
+        raise PromotionError("choose the run with exactly one of --run, --exp, --best")
+    if run_id is not None:
+        try:
+            return client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise PromotionError(f"no run {run_id!r} in the tracking store") from None
+    experiment_id = _experiment_id(client)
+    if exp is not None:
+        runs = _finished_runs(client, experiment_id, f"tags.`dvc.exp_name` = '{exp}'")
+        if not runs:
+            raise PromotionError(f"no finished run of DVC experiment {exp!r} (known: "
+                                 f"{_known_experiments(client, experiment_id)})")
+        return runs[0]  # the newest, if the experiment was run again
+    runs = [r for r in _finished_runs(client, experiment_id) if best in r.data.metrics]
+    if not runs:
+        seen = sorted({m for r in _finished_runs(client, experiment_id)
+                       for m in r.data.metrics})
+        raise PromotionError(f"no finished run of experiment {EXPERIMENT!r} has metric "
+                             f"{best!r} (metrics logged: {seen})")
+    return (min if lowest else max)(runs, key=lambda r: r.data.metrics[best])
+
+
+def _known_experiments(client, experiment_id: str) -> list[str]:
+    return sorted({r.data.tags["dvc.exp_name"] for r in _finished_runs(client, experiment_id)
+                   if "dvc.exp_name" in r.data.tags})
+
+
+def _logged_model(client, run) -> object | None:
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_NAME}'")
+    return models[0] if models else None
+
+
+def model_run(client, run):
+    """The run holding the model of `run`'s results: itself, or the training run it
+    reused."""
+    if _logged_model(client, run) is not None:
+        return run
+    training = run.data.tags.get(TRAINING_RUN_TAG)
+    if training and training != run.info.run_id:
+        return model_run(client, client.get_run(training))
+    raise PromotionError(f"run {run.info.run_id} has no logged model {MODEL_NAME!r} "
+                         f"(trained before models were logged? rerun its training)")
+
+
+def promote(run_id: str | None = None, exp: str | None = None, best: str | None = None,
+            lowest: bool = False, name: str = REGISTERED_NAME,
+            alias: str = DEFAULT_ALIAS) -> Promotion:
+    """Register the chosen run's model as a new version of `name` and point `alias` at
+    it."""
+    import mlflow
+
+    _check_alias(alias)
+    client = connect()
+    chosen = choose_run(client, run_id, exp, best, lowest)
+    source = model_run(client, chosen)
+    tags = {"chosen_run": chosen.info.run_id}
+    if best:
+        tags[f"promoted_by.{best}"] = str(chosen.data.metrics[best])
+    for tag in ("dvc.exp_name", "git.commit"):
+        if tag in chosen.data.tags:
+            tags[tag] = chosen.data.tags[tag]
+    version = mlflow.register_model(_logged_model(client, source).model_uri, name,
+                                    tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return Promotion(name, str(version.version), alias, source.info.run_id,
+                     chosen.info.run_id)
+
+
+def _check_alias(alias: str) -> None:
+    """MLflow's own rules for alias names, checked before anything is registered."""
+    import mlflow
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+    )
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except mlflow.exceptions.MlflowException as e:
+        raise PromotionError(f"--alias {alias!r}: {e.message}") from None

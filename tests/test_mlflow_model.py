@@ -1,0 +1,322 @@
+"""The classifier as an MLflow model: logged with a reference to its base (never a copy),
+loaded by URI in a fresh process, promoted in the Model Registry, served by
+`mlflow models serve`."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from spamlora.config import ModelParams
+from spamlora.hub import MODEL_FILES
+from spamlora.mlflow_model import (
+    BASE_MODEL_ENV,
+    MODEL_NAME,
+    BaseModelError,
+    BaseReference,
+    find_base,
+    log_model,
+    model_texts,
+)
+from spamlora.predictor import Predictor
+from spamlora.registry import PromotionError, promote
+from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE, TRAINING_RUN_TAG
+
+from .conftest import local_server
+
+MESSAGES = ["WINNER!! claim your free prize now", "ok see you at 5",
+            "Congratulations, you have been selected for a cash reward of 1000 pounds"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_gpt2, adapter):
+    """A repository root with a SQLite store holding three runs, each with a logged model
+    and a test accuracy; the base model in `root/base`."""
+    root = tmp_path_factory.mktemp("store")
+    base = shutil.copytree(tiny_gpt2, root / "base")
+    env = {"DVC_ROOT": str(root), "XDG_CACHE_HOME": str(root / "cache")}
+    saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_TRACKING_URI")}
+    os.environ.update(env)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{root / STORE_FILE}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().create_experiment(
+        EXPERIMENT, artifact_location=(root / ARTIFACT_DIR).as_uri())
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    ref = BaseReference.of_folder(base, ModelParams(url="http://127.0.0.1:9/{name}"))
+    runs = {}
+    for exp_name, accuracy in (("low-exp", 0.5), ("high-exp", 0.9), ("mid-exp", 0.7)):
+        with mlflow.start_run(run_name=exp_name, tags={"dvc.exp_name": exp_name}) as run:
+            log_model(adapter, ref)
+            mlflow.log_metric("test.accuracy", accuracy)
+            mlflow.log_metric("val_loss", 1 - accuracy)
+        runs[exp_name] = run.info.run_id
+    yield {"root": root, "uri": uri, "base": base, "runs": runs, "ref": ref,
+           "experiment_id": experiment.experiment_id}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def in_fresh_process(code: str, store, **env) -> object:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"],
+                                            **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LOAD_AND_PREDICT = """
+import json, sys, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1] if len(sys.argv) > 1 else {uri!r},
+                                 model_config={{"precision": "fp32"}})
+out = model.predict({messages!r})
+print(json.dumps({{"label": out["label"].tolist(),
+                  "p": out["spam_probability"].tolist()}}))
+"""
+
+
+def expected(store, adapter):
+    probs, _ = Predictor(store["base"], adapter, precision="fp32").spam_probabilities(
+        MESSAGES)
+    return probs
+
+
+def test_a_logged_model_predicts_what_the_predictor_does_in_a_fresh_process(store, adapter):
+    run_id = store["runs"]["high-exp"]
+    got = in_fresh_process(LOAD_AND_PREDICT.format(uri=f"runs:/{run_id}/{MODEL_NAME}",
+                                                   messages=MESSAGES), store)
+    want = expected(store, adapter)
+    np.testing.assert_allclose(got["p"], want, atol=1e-4)
+    assert got["label"] == ["spam" if p >= 0.5 else "ham" for p in want]
+
+
+def test_the_logged_model_references_the_base_and_holds_no_copy(store, adapter):
+    client = mlflow.MlflowClient(store["uri"])
+    (model,) = client.search_logged_models(
+        [store["experiment_id"]],
+        filter_string=f"source_run_id = '{store['runs']['low-exp']}'")
+    folder = Path(mlflow.artifacts.download_artifacts(model.artifact_location))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < adapter.stat().st_size + 200_000
+    base_bytes = {hashlib.sha256((store["base"] / f).read_bytes()).hexdigest()
+                  for f in MODEL_FILES}
+    assert not {hashlib.sha256(p.read_bytes()).hexdigest() for p in files} & base_bytes
+    config = mlflow.models.Model.load(folder / "MLmodel").flavors["python_function"][
+        "config"]
+    assert config["base"]["sha256"] == store["ref"].sha256
+    assert set(config["base"]["sha256"]) == set(MODEL_FILES)
+    assert mlflow.models.Model.load(folder / "MLmodel").signature is not None
+
+
+def test_a_base_with_one_changed_byte_is_refused(store, tmp_path, monkeypatch):
+    changed = shutil.copytree(store["base"], tmp_path / "changed")
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BaseModelError, match=r"changed/model.safetensors has sha256"):
+        find_base(store["ref"], changed)
+    monkeypatch.setenv(BASE_MODEL_ENV, str(changed))
+    with pytest.raises(BaseModelError, match="model.safetensors"):
+        find_base(store["ref"], None)
+
+
+def test_the_base_is_found_where_trained_then_in_the_cache_then_downloaded(
+        store, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ref = store["ref"]
+    assert find_base(ref, None) == store["base"].resolve()
+    with local_server() as server:
+        server.serve_dir("/hub/gpt2", store["base"])
+        moved = BaseReference(ref.name, server.base_url + "/hub/gpt2", ref.revision,
+                              ref.sha256, str(tmp_path / "gone"))
+        got = find_base(moved, None)
+        assert got == tmp_path / "cache" / "spamlora" / "models" / (
+            f"gpt2-{ref.sha256['model.safetensors'][:12]}")
+        assert not ref.mismatch(got)
+        hits = sum(r.hits for r in server.routes.values())
+        assert hits == len(MODEL_FILES)
+        assert find_base(moved, None) == got  # from the cache: no further request
+        assert sum(r.hits for r in server.routes.values()) == hits
+        # A damaged cache is fetched again, not used.
+        (got / "config.json").write_text("{}")
+        assert find_base(moved, None) == got and not ref.mismatch(got)
+    wrong = BaseReference(ref.name, "http://127.0.0.1:9/nothing", ref.revision,
+                          {**ref.sha256, "model.safetensors": "0" * 64}, str(tmp_path))
+    with pytest.raises(BaseModelError, match="could not be downloaded"):
+        find_base(wrong, None)
+
+
+@pytest.mark.parametrize("given, texts", [
+    (["a", "b"], ["a", "b"]),
+    (pd.DataFrame({"text": ["x", "y"], "id": [1, 2]}), ["x", "y"]),
+    (pd.DataFrame({0: ["z"]}), ["z"]),
+])
+def test_model_input_forms(given, texts):
+    assert model_texts(given) == texts
+
+
+@pytest.mark.parametrize("given, error", [
+    ([], "no messages"), (["ok", 3], "message 1 is int"), (["ok", "  "], "message 1 is empty"),
+    (pd.DataFrame({"message": ["x"]}), "expected a 'text' column"),
+    ({"text": "x"}, "got dict"),
+])
+def test_bad_model_input_is_a_value_error(given, error):
+    with pytest.raises(ValueError, match=error):
+        model_texts(given)
+
+
+def test_promote_by_run_by_experiment_and_by_best_metric(store, adapter):
+    runs = store["runs"]
+    first = promote(run_id=runs["mid-exp"])
+    assert (first.run_id, first.alias_uri) == (runs["mid-exp"], "models:/spamlora-sms@champion")
+    client = mlflow.MlflowClient(store["uri"])
+    assert str(client.get_model_version_by_alias("spamlora-sms", "champion").version) == \
+        first.version
+    by_exp = promote(exp="low-exp", alias="candidate")
+    assert by_exp.run_id == runs["low-exp"]
+    assert str(client.get_model_version_by_alias("spamlora-sms", "candidate").version) == \
+        by_exp.version
+    best = promote(best="test.accuracy")
+    assert best.run_id == runs["high-exp"]
+    champion = client.get_model_version_by_alias("spamlora-sms", "champion")
+    assert str(champion.version) == best.version and champion.run_id == runs["high-exp"]
+    assert promote(best="val_loss", lowest=True, name="other").run_id == runs["high-exp"]
+    assert promote(best="val_loss", name="other").run_id == runs["low-exp"]
+
+    got = in_fresh_process(LOAD_AND_PREDICT.format(uri="models:/spamlora-sms@champion",
+                                                   messages=MESSAGES), store)
+    np.testing.assert_allclose(got["p"], expected(store, adapter), atol=1e-4)
+
+
+def test_an_evaluation_only_run_promotes_the_model_of_its_training_run(store):
+    with mlflow.start_run(tags={TRAINING_RUN_TAG: store["runs"]["mid-exp"]}) as run:
+        mlflow.log_metric("test.accuracy", 0.99)
+    done = promote(best="test.accuracy", alias="newest")
+    assert done.chosen_run_id == run.info.run_id and done.run_id == store["runs"]["mid-exp"]
+    mlflow.MlflowClient().delete_run(run.info.run_id)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"run_id": "0123456789abcdef"}, "no run '0123456789abcdef'"),
+    ({"exp": "no-such-exp"}, r"no finished run of DVC experiment 'no-such-exp' \(known: "
+                             r"\['high-exp', 'low-exp', 'mid-exp'\]"),
+    ({"best": "test.f1"}, "has metric 'test.f1'"),
+    ({"best": "test.accuracy", "alias": "latest"}, "--alias 'latest': 'latest' alias name"),
+])
+def test_promotion_errors_name_what_is_missing(store, kwargs, error):
+    client = mlflow.MlflowClient(store["uri"])
+    versions = len(client.search_model_versions())
+    with pytest.raises(PromotionError, match=error):
+        promote(**kwargs)
+    assert len(client.search_model_versions()) == versions  # nothing half-done
+
+
+def test_a_run_without_a_model_cannot_be_promoted(store):
+    with mlflow.start_run() as run:
+        mlflow.log_metric("test.accuracy", 0.1)
+    with pytest.raises(PromotionError, match=f"run {run.info.run_id} has no logged model"):
+        promote(run_id=run.info.run_id)
+    mlflow.MlflowClient().delete_run(run.info.run_id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(store):
+    """`mlflow models serve` of the registry's `serving` alias on an ephemeral port."""
+    promote(run_id=store["runs"]["high-exp"], alias="serving")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"],  # it execs `uvicorn`:
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(store["root"] / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+         "models:/spamlora-sms@serving", "--env-manager", "local", "--host", "127.0.0.1",
+         "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {(store['root'] / 'serve.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not answer /ping in 120 s")
+        yield url, store["root"] / "serve.log"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def post(url: str, body: object) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/invocations", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_mlflow_models_serve_answers_inputs_and_dataframe_split(served, store, adapter):
+    url, _ = served
+    want = expected(store, adapter)  # the server's precision is auto: fp32 on this CPU
+    for body in ({"inputs": MESSAGES},
+                 {"dataframe_split": {"columns": ["text"], "data": [[m] for m in MESSAGES]}}):
+        status, got = post(url, body)
+        assert status == 200, got
+        rows = got["predictions"]
+        assert [r["label"] for r in rows] == ["spam" if p >= 0.5 else "ham" for p in want]
+        np.testing.assert_allclose([r["spam_probability"] for r in rows], want, atol=1e-4)
+    for path in ("/ping", "/health"):
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            assert r.status == 200
+
+
+@pytest.mark.parametrize("body", [
+    # (In `inputs`, MLflow's parser casts numbers and null to strings before the model
+    # sees them; `dataframe_split` keeps the JSON types.)
+    b"{not json", {"inputs": []}, {"inputs": ["fine", ""]}, {"inputs": [{"text": "x"}]},
+    {"dataframe_split": {"columns": ["text"], "data": [["fine"], [7]]}},
+    {"dataframe_split": {"columns": ["message"], "data": [["x"]]}}, {"wrong_key": ["x"]},
+])
+def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(served, body):
+    url, _ = served
+    status, got = post(url, body)
+    assert 400 <= status < 500 and got.get("message")
+    status, got = post(url, {"inputs": ["still serving?"]})
+    assert status == 200 and len(got["predictions"]) == 1
+
+
+def test_an_over_long_message_is_truncated_with_a_warning(served, adapter):
+    url, log = served
+    status, got = post(url, {"inputs": ["free prize " * 200]})
+    assert status == 200 and got["predictions"][0]["label"] in ("spam", "ham")
+    assert "message 0 is longer than 12 tokens and was truncated" in log.read_text()
