@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: repro test lint bench sweep clean
+.PHONY: repro test lint bench bench-serve sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train_speed.py
+
+# The model served by `mlflow models serve` under 1, 4 and 16 concurrent clients.
+bench-serve: $(VENV)/.dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/serve_load.py
 
 # A grid of queued experiments run by N workers, then a report in metrics/sweep/.
 # On CPU each worker gets its share of the cores (oversubscribed, they run ~10x slower).

@@ -40,3 +40,25 @@ def test_benchmark_smoke_run(tmp_path):
         assert row["min"] <= row["mean"] <= row["max"]
     # Seed 123 of the accuracy table is the speed run itself, not a second one.
     assert accuracy["spamlora"]["val_accuracy"][0] == results["spamlora"]["val_accuracy"]
+
+
+@pytest.mark.e2e
+def test_serve_load_smoke_run(tmp_path):
+    if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
+        pytest.skip("the benchmark needs the real SMS data")
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"),
+                           "--size", "tiny", "--requests", "6", "--seconds", "5",
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cases = {(c["clients"], c["size"]): c for c in report["served"]}
+    assert set(cases) == {(c, s) for c in (1, 4, 16) for s in (1, 64)}
+    for case in cases.values():
+        assert case["ok"] + case["errors"] + case["timeouts"] == case["requests"] > 0
+        assert case["errors"] == 0 and case["p50_ms"] > 0
+    assert report["in_process"]["size_64"]["messages_per_s"] > 0
+    assert set(report["verdict"]) == {"http_overhead_p50_ms", "overhead_ok",
+                                      "throughput_ratio_4_clients", "throughput_ok",
+                                      "clean_at_16_clients"}
