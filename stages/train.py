@@ -1,10 +1,19 @@
 """Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run.
 
 With `train.nproc > 1` the stage reruns itself under torchrun (DistributedDataParallel);
-only rank 0 writes outputs and talks to MLflow.
+only rank 0 writes outputs, checkpoints and talks to MLflow.
+
+Checkpoints (`spamlora.checkpoint`) make an interrupted training a non-event: SIGINT or
+SIGTERM stops it after the current step with a checkpoint and ends its run as KILLED;
+rerunning the stage resumes the same run from the newest checkpoint of the same
+computation and gives bit-identical outputs. Step losses reach MLflow at each checkpoint
+(and the end), so none is ever logged twice.
 """
 
 import contextlib
+import os
+import shutil
+import signal
 import time
 
 import mlflow
@@ -13,6 +22,7 @@ import pandas as pd
 from spamlora import distributed, stage, tracking
 from spamlora.adapter import AdapterSpec, save_adapter
 from spamlora.batching import encode, truncate
+from spamlora.checkpoint import Checkpoints, computation_key, read_owner
 from spamlora.classifier import build_classifier, format_summary, parameter_counts
 from spamlora.config import Params
 from spamlora.data import read_labelled_csv, write_csv
@@ -22,7 +32,7 @@ from spamlora.mlflow_model import BaseReference, log_model
 from spamlora.paths import Paths
 from spamlora.precision import resolve_device, resolve_precision, run_facts
 from spamlora.tokenizer import Tokenizer
-from spamlora.train import train_classifier
+from spamlora.train import Resumable, train_classifier
 from spamlora.weights import base_fingerprint, load_gpt2
 
 
@@ -36,9 +46,9 @@ def main(params: Params) -> None:
     if distributed.under_torchrun():
         device = distributed.init(device)
     main_process = distributed.is_main()
-    run_id = tracking.create_run("train", params.flat(), params.model.name,
-                                 tracking.run_inputs("train", params.data, paths)) \
-        if main_process else None
+    checkpoints = Checkpoints(tracking.repo_root(), checkpoint_key(params, paths))
+    run_id = start_run(params, paths, checkpoints) if main_process else None
+    stop = StopRequest()
     with tracking.active_run(run_id) if main_process else contextlib.nullcontext():
         dtype = resolve_precision(tp.precision, device)
         tokenizer = Tokenizer(paths.base_model)
@@ -70,20 +80,17 @@ def main(params: Params) -> None:
                 "resolved.precision": str(dtype).removeprefix("torch."),
                 **{f"parameters.{k}": v for k, v in counts.as_dict().items()}})
 
-        def on_step(step, loss):
-            mlflow.log_metric("step_loss", loss, step=step, synchronous=False)
-
-        def on_epoch(record):
-            mlflow.log_metrics({k: v for k, v in vars(record).items() if k != "epoch"},
-                               step=record.epoch)
-
+        steps = tracking.StepLog(run_id) if main_process else None
         start = time.perf_counter()
         history = train_classifier(
             model, train_ids, train_df["label"].to_numpy(), val_ids,
             val_df["label"].to_numpy(), tp, tokenizer.pad_id, max_length, device, dtype,
-            on_step=on_step if main_process else None,
-            on_epoch=on_epoch if main_process else None)
+            resumable=Resumable(checkpoints, tp.checkpoint_seconds, run_id,
+                                on_saved=steps.sync if steps else None,
+                                should_stop=stop.requested))
+        stop.restore()
         if main_process:
+            steps.sync(history)
             mlflow.log_metric("train_seconds", time.perf_counter() - start)
             save_adapter(model, spec, paths.adapter)
             log_model(paths.adapter, BaseReference.of_folder(paths.base_model, params.model))
@@ -99,7 +106,71 @@ def main(params: Params) -> None:
                 "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
                 "examples_seen": last.examples_seen, "parameters": counts.as_dict(),
                 "run": run_facts(device, dtype), tracking.RUN_ID_KEY: run_id})
+            checkpoints.remove()
     distributed.shutdown()
+
+
+def checkpoint_key(params: Params, paths: Paths) -> str:
+    """What this training's result depends on, as dvc.yaml declares it: its params
+    (less how often it checkpoints) and the content of its deps, code included."""
+    definition = tracking.stage_definition("train", paths)
+    prefixes = tuple(definition["params"])
+    flat = {k: v for k, v in params.flat().items()
+            if k.startswith(prefixes) and k != "train.checkpoint_seconds"}
+    return computation_key(flat, {d: paths.root / d for d in definition["deps"]})
+
+
+def start_run(params: Params, paths: Paths, checkpoints: Checkpoints) -> str:
+    """The MLflow run to train in: the one the newest valid checkpoint of this
+    computation names (resumed), else a new one. Runs whose process is gone are marked
+    KILLED, with a note where their checkpoint no longer applies (and is removed)."""
+    checkpoints.check_writable()
+    reasons = {}
+    for folder, owner in checkpoints.others():
+        if owner is not None and owner.alive():
+            continue  # another training, running now (a queue worker)
+        if owner is not None and owner.run_id:
+            reasons[owner.run_id] = ("its checkpoint no longer applies (params, data or "
+                                     "code changed since): removed, not resumed")
+        shutil.rmtree(folder, ignore_errors=True)
+    owner = read_owner(checkpoints.folder)
+    if owner is not None and owner.alive() and owner.pid != os.getpid():
+        raise SpamloraError(f"this training is running already (process {owner.pid} on "
+                            f"{owner.host} holds {checkpoints.folder})")
+    newest = checkpoints.newest()
+    run_id = newest["run_id"] if newest else None
+    if run_id and not tracking.run_exists(run_id):
+        run_id = None  # e.g. the store was deleted: a new run gets the whole history
+    tracking.end_stale_runs(keep={run_id} if run_id else set(), reasons=reasons)
+    if run_id is None:
+        run_id = tracking.create_run("train", params.flat(), params.model.name,
+                                     tracking.run_inputs("train", params.data, paths))
+    checkpoints.claim(run_id)
+    return run_id
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: the first asks the loop to stop after its
+    current step, with a checkpoint; a second stops at once."""
+
+    def __init__(self):
+        self.signals = 0
+        self.previous = {s: signal.signal(s, self.handle)
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signals += 1
+        if self.signals > 1:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        print(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint",
+              flush=True)
+
+    def requested(self) -> bool:
+        return self.signals > 0
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

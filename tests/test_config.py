@@ -43,6 +43,7 @@ def test_the_repositorys_params_are_valid_and_match_the_recipe():
     ("data.dedupe", "yes", r"data\.dedupe must be bool"),
     ("train.precision", "fp16", r"train\.precision must be auto, fp32 or bf16"),
     ("model.name", "gpt3", r"model\.name must be one of"),
+    ("train.checkpoint_seconds", -5, r"train\.checkpoint_seconds must be >= 0"),
 ])
 def test_bad_values_are_named(raw, path, value, message):
     bad = copy.deepcopy(raw)

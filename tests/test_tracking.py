@@ -18,7 +18,6 @@ import torch
 import yaml
 
 from spamlora.config import load_params
-from spamlora.data import write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import read_json
 from spamlora.paths import Paths
@@ -34,7 +33,8 @@ from spamlora.tracking import (
     file_md5,
 )
 
-from .conftest import REPO, sms_lines
+from .conftest import REPO
+from .workspace import stage_workspace
 
 
 def stage_main(name):
@@ -44,18 +44,7 @@ def stage_main(name):
 @pytest.fixture
 def workspace(tmp_path, tiny_gpt2, monkeypatch):
     """A folder laid out as after download_model and split, as the cwd and DVC_ROOT."""
-    paths = Paths(tmp_path)
-    shutil.copytree(tiny_gpt2, paths.base_model)
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    rows = [line.split("\t") for line in sms_lines(40, 40).splitlines()]
-    df = pd.DataFrame({"id": range(1, 81), "text": [t for _, t in rows],
-                       "label": [int(label == "spam") for label, _ in rows]})
-    df = df.sample(frac=1, random_state=0)
-    # Three test messages are copies of training ones, as in the real split.
-    copies = df[:3].assign(id=[81, 82, 83])
-    for name, part in (("train", df[:50]), ("validation", df[50:65]),
-                       ("test", pd.concat([df[65:], copies]))):
-        write_csv(part, paths.split(name))
+    stage_workspace(tmp_path, tiny_gpt2)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("DVC_EXP_NAME", "brave-test")

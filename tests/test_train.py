@@ -8,10 +8,12 @@ import torch
 
 from spamlora import batching
 from spamlora.adapter import AdapterSpec, save_adapter
+from spamlora.checkpoint import Checkpoints
 from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
+from spamlora.errors import Interrupted
 from spamlora.tokenizer import Tokenizer
-from spamlora.train import train_classifier
+from spamlora.train import Resumable, train_classifier
 from spamlora.weights import load_gpt2
 
 from .conftest import sms_lines
@@ -29,16 +31,18 @@ def separable_task(tokenizer):
     return ids[:60], labels[:60], ids[60:], labels[60:]
 
 
-def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None):
+def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumable=None,
+        dropout=0.0):
     tokenizer = Tokenizer(folder)
     base = load_gpt2(folder)
-    spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, max_length=64,
+    spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, dropout=dropout, max_length=64,
                        pad_id=tokenizer.pad_id)
     model = build_classifier(base, spec, seed=params.seed)
     tr, ytr, va, yva = separable_task(tokenizer)
     steps = []
     history = train_classifier(model, tr, ytr, va, yva, params, tokenizer.pad_id, 64, CPU,
-                               dtype, on_step=lambda s, loss: steps.append(s))
+                               dtype, on_step=lambda s, loss: steps.append(s),
+                               resumable=resumable)
     if tmp_path is not None:
         save_adapter(model, spec, tmp_path)
     return history, steps
@@ -106,3 +110,32 @@ def test_collate_rounds_the_width_up_but_never_past_the_context():
     assert b.ids[0].tolist() == [9, 9, 9] + [0] * 5
     assert batching.collate([[1] * 10], [0], 0, multiple=8, max_width=12).ids.shape == (1, 12)
     assert batching.collate([[1] * 10], [0], 0, pad_to=20).ids.shape == (1, 20)
+
+
+@pytest.mark.parametrize("dtype, dropout, stop_at", [
+    (torch.float32, 0.1, 5), (torch.float32, 0.0, 8), (torch.bfloat16, 0.1, 13)])
+def test_an_interrupted_training_resumes_bit_exactly(tiny_gpt2, tmp_path, dtype, dropout,
+                                                     stop_at):
+    """Stopped after step `stop_at` (mid-epoch, at an epoch's end), then resumed by a
+    fresh model: the same history and adapter bytes as a run never interrupted. LoRA
+    dropout makes the global generator's state matter too."""
+    params = dataclasses.replace(PARAMS, epochs=3)
+    straight, _ = run(tiny_gpt2, params, dtype, tmp_path / "straight.safetensors",
+                      dropout=dropout)
+    checkpoints = Checkpoints(tmp_path, "k")
+    taken = []
+
+    def stop():
+        taken.append(1)
+        return len(taken) == stop_at
+
+    with pytest.raises(Interrupted, match=f"step={stop_at}"):
+        run(tiny_gpt2, params, dtype, resumable=Resumable(checkpoints, 3600.0,
+                                                          should_stop=stop),
+            dropout=dropout)
+    resumed, steps = run(tiny_gpt2, params, dtype, tmp_path / "resumed.safetensors",
+                         resumable=Resumable(checkpoints, 0.0), dropout=dropout)
+    assert steps == list(range(stop_at + 1, 3 * 8 + 1))
+    assert resumed == straight
+    assert (tmp_path / "resumed.safetensors").read_bytes() == (
+        tmp_path / "straight.safetensors").read_bytes()

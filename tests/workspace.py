@@ -16,6 +16,31 @@ TRACKED = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignor
            ".gitignore", "pyproject.toml"]
 
 
+def stage_workspace(root: Path, base_model: Path) -> Path:
+    """A folder laid out as after download_model and split (80 short messages; three
+    test messages copy training ones, as in the real split), for running the train,
+    evaluate and plot stages without DVC."""
+    import pandas as pd
+
+    from spamlora.data import write_csv
+    from spamlora.paths import Paths
+
+    from .conftest import sms_lines
+
+    paths = Paths(root)
+    shutil.copytree(base_model, paths.base_model)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    rows = [line.split("\t") for line in sms_lines(40, 40).splitlines()]
+    df = pd.DataFrame({"id": range(1, 81), "text": [t for _, t in rows],
+                       "label": [int(label == "spam") for label, _ in rows]})
+    df = df.sample(frac=1, random_state=0)
+    copies = df[:3].assign(id=[81, 82, 83])
+    for name, part in (("train", df[:50]), ("validation", df[50:65]),
+                       ("test", pd.concat([df[65:], copies]))):
+        write_csv(part, paths.split(name))
+    return root
+
+
 def make_workspace(dest: Path, overrides: dict[str, object]) -> Path:
     """Copy what git tracks of the pipeline to `dest`, apply `section.key` overrides to
     params.yaml, and commit it (`dvc exp run` needs a commit)."""

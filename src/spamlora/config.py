@@ -138,6 +138,7 @@ class TrainParams:
     padding: str = "packed"
     group_by_length: bool = False  # draw batches from messages of similar length
     nproc: int = 1  # processes under torchrun (DistributedDataParallel); batch is global
+    checkpoint_seconds: float = 300.0  # also at every epoch's end; 0: after every step
 
     def check(self, err) -> None:
         err(self.epochs >= 1, "epochs", "must be >= 1")
@@ -153,6 +154,7 @@ class TrainParams:
         err(self.padding in ("packed", "batch", "max_length"), "padding",
             "must be packed, batch or max_length")
         err(self.nproc >= 1, "nproc", "must be >= 1")
+        err(self.checkpoint_seconds >= 0, "checkpoint_seconds", "must be >= 0")
 
 
 @dataclass(frozen=True)

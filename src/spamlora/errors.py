@@ -3,3 +3,7 @@
 
 class SpamloraError(Exception):
     pass
+
+
+class Interrupted(SpamloraError):
+    """Work stopped on request (SIGINT, SIGTERM) after saving what can be resumed."""

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
 from .config import Params, load_params
-from .errors import SpamloraError
+from .errors import Interrupted, SpamloraError
 
 PARAMS_FILE = "params.yaml"
+INTERRUPTED_STATUS = 130  # as a shell reports a command stopped by Ctrl-C
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def run(main: Callable[[Params], None], params_file: str = PARAMS_FILE) -> None:
     """Validate `params_file` before any work, then run `main(params)`; a
-    `SpamloraError` ends the stage with its message and exit status 1."""
+    `SpamloraError` ends the stage with its message and exit status 1. SIGTERM stops it
+    as Ctrl-C does (an exception, so its MLflow run is ended as KILLED and no output is
+    left half-written), with status 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also where a background shell ignored it
     try:
         main(load_params(params_file))
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        sys.exit(INTERRUPTED_STATUS)
     except SpamloraError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(INTERRUPTED_STATUS if isinstance(e, Interrupted) else 1)

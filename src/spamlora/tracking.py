@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -32,9 +33,10 @@ from urllib.parse import urlparse
 from filelock import FileLock
 
 from .config import DataParams
-from .errors import SpamloraError
+from .errors import Interrupted, SpamloraError
 from .fileio import read_json
 from .paths import SPLITS, Paths
+from .process import pid_alive
 
 EXPERIMENT = "spamlora"
 STORE_FILE = "mlflow.db"
@@ -42,6 +44,9 @@ ARTIFACT_DIR = "mlartifacts"
 RUN_ID_KEY = "mlflow_run_id"  # in metrics/train.json and eval.json
 TRAINING_RUN_TAG = "spamlora.training_run"
 STAGES_TAG = "spamlora.stages"  # the stages that logged into a run, comma-separated
+# The process logging into a run: a RUNNING run of this host whose process is gone was
+# killed (SIGKILL, power cut) and is marked so by the next stage that starts.
+HOST_TAG, PID_TAG, NOTE_TAG = "spamlora.host", "spamlora.pid", "spamlora.note"
 
 
 def repo_root() -> Path:
@@ -161,7 +166,7 @@ def create_run(stage: str, params: dict[str, object], model_name: str,
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
                             tags={"model.name": model_name, STAGES_TAG: stage,
-                                  **version_tags(stage, Path.cwd()),
+                                  **process_tags(), **version_tags(stage, Path.cwd()),
                                   **dependency_tags(stage, inputs.deps), **(tags or {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
                                               for k, v in params.items()])
@@ -169,17 +174,52 @@ def create_run(stage: str, params: dict[str, object], model_name: str,
     return run.info.run_id
 
 
+def process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def stage_definition(stage: str, paths: Paths) -> dict:
+    """`stage` as dvc.yaml declares it (cmd, deps, params, outs)."""
+    import yaml
+
+    return yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))[
+        "stages"][stage]
+
+
 def run_inputs(stage: str, data: DataParams, paths: Paths) -> RunInputs:
     """The splits, the dataset they came from, and `stage`'s data dependencies as
     dvc.yaml lists them (its code dependencies are covered by the git tags)."""
-    import yaml
-
-    deps = yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))[
-        "stages"][stage]["deps"]
+    deps = stage_definition(stage, paths)["deps"]
     return RunInputs({name: paths.split(name) for name in SPLITS},
                      {"data.url": data.url, "data.sha256": data.sha256,
                       "data.dedupe": data.dedupe},
                      [paths.root / d for d in deps if not d.startswith(("src/", "stages/"))])
+
+
+def end_stale_runs(keep: set[str] = frozenset(), reasons: dict[str, str] | None = None
+                   ) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (nothing else
+    can mark a run after a SIGKILL), with a note; `reasons` gives a run a note of its
+    own, `keep` spares runs about to be resumed. The runs marked."""
+    from mlflow.entities import RunStatus
+
+    client = _client()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    host = socket.gethostname()
+    marked = []
+    for run in client.search_runs(
+            [experiment.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"):
+        run_id, pid = run.info.run_id, run.data.tags.get(PID_TAG, "")
+        if run_id in keep or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        note = (reasons or {}).get(run_id) or (
+            f"process {pid} on {host} ended without closing this run (killed?)")
+        client.set_tag(run_id, NOTE_TAG, note)
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        print(f"MLflow run {run_id} marked KILLED: {note}")
+        marked.append(run_id)
+    return marked
 
 
 @dataclass(frozen=True)
@@ -210,6 +250,7 @@ def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, ob
     import mlflow
 
     client = _client()
+    end_stale_runs()
     upstream_id = recorded_run(upstream_file)
     if upstream_id is None:
         raise SpamloraError(f"{upstream_file}: names no MLflow run (run the stage that "
@@ -305,7 +346,9 @@ def dependency_tags(stage: str, deps: list[Path]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def active_run(run_id: str) -> Iterator[object]:
-    """The run, active for `mlflow.log_*`; ended as FAILED if the block raises."""
+    """The run, active for `mlflow.log_*` and tagged with this process; ended FINISHED,
+    KILLED if the block was interrupted (Interrupted, KeyboardInterrupt), else
+    FAILED if it raised."""
     import mlflow
 
     client = _client()
@@ -314,5 +357,53 @@ def active_run(run_id: str) -> Iterator[object]:
     except mlflow.exceptions.MlflowException:
         raise SpamloraError(f"MLflow run {run_id} is not in the store {tracking_uri()} "
                            f"(was the store moved or deleted?)") from None
-    with mlflow.start_run(run_id=run_id) as run:
+    for tag, value in process_tags().items():
+        client.set_tag(run_id, tag, value)
+    run = mlflow.start_run(run_id=run_id)
+    try:
         yield run
+    except (Interrupted, KeyboardInterrupt):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        _client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+class StepLog:
+    """Logs a training history into its run exactly once, however often the training
+    was interrupted and resumed: each call logs the steps and epochs the run lacks."""
+
+    def __init__(self, run_id: str):
+        self.client, self.run_id = _client(), run_id
+        steps = self.client.get_metric_history(run_id, "step_loss")
+        epochs = self.client.get_metric_history(run_id, "val_loss")
+        self.steps = max((m.step for m in steps), default=0)
+        self.epochs = max((m.step for m in epochs), default=0)
+
+    def sync(self, history) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("step_loss", loss, now, step)
+                   for step, loss in enumerate(history.step_losses, start=1)
+                   if step > self.steps]
+        for record in history.epochs:
+            if record.epoch > self.epochs:
+                metrics += [Metric(k, v, now, record.epoch) for k, v in vars(record).items()
+                            if k != "epoch"]
+        for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=metrics[i: i + 1000])
+        self.steps = len(history.step_losses)
+        self.epochs = max((r.epoch for r in history.epochs), default=self.epochs)

@@ -7,8 +7,9 @@ of each message's last real token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import batching, distributed
+from .checkpoint import Checkpoints, LoopState
 from .config import TrainParams
+from .errors import Interrupted
 from .inference import predict_logits
 from .model import GPTModel
 from .precision import autocast, cast_frozen_linears, training_attention
@@ -43,6 +46,23 @@ class History:
     step_epochs: list[int] = field(default_factory=list)  # the epoch of each step
     step_examples: list[int] = field(default_factory=list)  # examples seen after it
 
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls([EpochRecord(**e) for e in d["epochs"]], d["step_losses"],
+                   d["step_epochs"], d["step_examples"])
+
+
+@dataclass
+class Resumable:
+    """How a training checkpoints: where, how often, for which MLflow run; what it
+    calls after each checkpoint (`on_saved(history)`, e.g. to log what it holds); and
+    `should_stop()`, polled after every step (a signal asked the training to stop)."""
+    checkpoints: Checkpoints
+    seconds: float
+    run_id: str | None = None
+    on_saved: Callable[[History], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+
 
 def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     logits_t = torch.from_numpy(logits)
@@ -64,12 +84,19 @@ def train_classifier(
     dtype: torch.dtype,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    resumable: Resumable | None = None,
 ) -> History:
     """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress.
 
     Under torchrun every process draws the same batches and takes its share of each
     (rows rank, rank + world, ...); losses are summed and divided by the whole batch's
-    size, so the averaged gradient is that of the whole batch, as with one process."""
+    size, so the averaged gradient is that of the whole batch, as with one process.
+
+    With `resumable`, the newest valid checkpoint is restored first and the loop
+    continues from it exactly (same batches, generator states and sums); a checkpoint
+    is written at the end of every epoch and every `resumable.seconds` (rank 0), and
+    when `should_stop()` turns true in any process, all stop after that step, with a
+    checkpoint, raising `Interrupted`."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
     cast_frozen_linears(model.to(device), dtype).store_qkv_together()
@@ -84,15 +111,38 @@ def train_classifier(
     lengths = [len(t) for t in train_ids]
     pad_to = max_length if params.padding == "max_length" else None
     context = model.cfg.context_length
-    history, step, seen = History(), 0, 0
-    for epoch in range(1, params.epochs + 1):
+    state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
+                      history=asdict(History()))
+    if resumable:
+        restored = resumable.checkpoints.restore(model, optimizer, generator)
+        if restored is not None:
+            state = restored
+            if rank == 0:
+                print(f"resuming from {state.where}")
+    history = History.from_dict(state.history)
+    step, seen, last_save = state.step, state.seen, time.monotonic()
+
+    def save(epoch: int, batch: int, order_state: torch.Tensor, sums: tuple) -> None:
+        nonlocal last_save
+        last_save = time.monotonic()
+        if rank != 0 or resumable is None:
+            return
+        loop = LoopState(epoch, batch, step, seen, *sums, history=asdict(history))
+        if resumable.checkpoints.save(model, optimizer, order_state, loop,
+                                      resumable.run_id) and resumable.on_saved:
+            resumable.on_saved(history)
+
+    for epoch in range(state.epoch, params.epochs + 1):
         model.train()
+        order_state = generator.get_state()
         order = batching.training_order(lengths, params.batch_size, generator,
                                         params.group_by_length)
-        loss_sum = correct = count = 0
-        bar = tqdm(order, desc=f"epoch {epoch}/{params.epochs}", disable=None if rank == 0
-                   else True)
-        for index in bar:
+        skip = state.batch if epoch == state.epoch else 0
+        loss_sum, correct, count = ((state.loss_sum, state.correct, state.count) if skip
+                                    else (0.0, 0.0, 0))
+        bar = tqdm(order[skip:], desc=f"epoch {epoch}/{params.epochs}", initial=skip,
+                   total=len(order), disable=None if rank == 0 else True)
+        for batch_number, index in enumerate(bar, start=skip + 1):
             # A process whose share is empty (a last batch smaller than the world) still
             # runs a zero-weighted example: DDP needs every process in every step.
             share = index[rank::world]
@@ -111,8 +161,10 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             (local_sum * world / len(index)).backward()  # DDP averages over processes
             optimizer.step()
-            batch_loss_sum, batch_correct = distributed.all_sum(
-                [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight])
+            stop = resumable is not None and resumable.should_stop()
+            batch_loss_sum, batch_correct, stops = distributed.all_sum(
+                [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight,
+                 float(stop)])
             step += 1
             seen += len(index)
             loss_sum += batch_loss_sum
@@ -124,10 +176,17 @@ def train_classifier(
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
             if on_step:
                 on_step(step, batch_loss_sum / len(index))
+            if stops:
+                save(epoch, batch_number, order_state, (loss_sum, correct, count))
+                raise Interrupted(f"training stopped at {epoch=}, {step=}; rerun to resume")
+            if resumable and time.monotonic() - last_save >= resumable.seconds:
+                save(epoch, batch_number, order_state, (loss_sum, correct, count))
         val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype)
         val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
         record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
         history.epochs.append(record)
         if on_epoch:
             on_epoch(record)
+        # Also after the last: stopped while writing its outputs, the stage resumes here.
+        save(epoch + 1, 0, generator.get_state(), (0.0, 0.0, 0))
     return history

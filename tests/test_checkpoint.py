@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic, verified, the newest two kept, keyed by what they depend on."""
+
+import errno
+import logging
+
+import pytest
+import torch
+
+from spamlora import checkpoint
+from spamlora.checkpoint import CheckpointError, Checkpoints, LoopState, computation_key
+
+
+def model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def state(step):
+    return LoopState(epoch=1, batch=step, step=step, seen=8 * step, loss_sum=0.5 * step,
+                     correct=3.0, count=8 * step, history={"epochs": [], "step_losses": []})
+
+
+def test_restore_gives_back_weights_optimizer_and_generators(tmp_path):
+    model, optimizer = model_and_optimizer()
+    order = torch.Generator().manual_seed(7)
+    order_state = order.get_state()
+    torch.manual_seed(11)
+    ckpt = Checkpoints(tmp_path, "key")
+    assert ckpt.save(model, optimizer, order_state, state(3), "run-1")
+    expected_draw = torch.rand(3)
+
+    other, other_opt = model_and_optimizer(seed=1)
+    fresh = torch.Generator()
+    restored = ckpt.restore(other, other_opt, fresh)
+    assert restored == state(3)
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b) or not a.requires_grad
+    assert torch.equal(fresh.get_state(), order_state)
+    assert torch.equal(torch.rand(3), expected_draw)  # the global generator too
+    saved, loaded = optimizer.state_dict(), other_opt.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for i, entry in saved["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][i][name]))
+    assert ckpt.newest()["run_id"] == "run-1"
+
+
+def test_the_newest_two_are_kept_and_a_damaged_one_is_skipped(tmp_path, caplog):
+    model, optimizer = model_and_optimizer()
+    ckpt = Checkpoints(tmp_path, "key")
+    for step in (1, 2, 3):
+        ckpt.save(model, optimizer, torch.Generator().get_state(), state(step), None)
+    files = sorted(p.name for p in ckpt.folder.glob("step-*.safetensors"))
+    assert [int(f.split("-")[1]) for f in files] == [2, 3]
+    newest = ckpt.folder / files[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # cut short
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.restore(*model_and_optimizer(), torch.Generator()).step == 2
+    assert f"checkpoint {newest} skipped" in caplog.text
+    (ckpt.folder / files[0]).with_suffix(".sha256").unlink()  # a write cut before this
+    assert ckpt.restore(*model_and_optimizer(), torch.Generator()) is None
+
+
+def test_a_failed_write_is_a_warning_and_leaves_no_file(tmp_path, monkeypatch, caplog):
+    model, optimizer = model_and_optimizer()
+    ckpt = Checkpoints(tmp_path, "key")
+    ckpt.check_writable()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with caplog.at_level(logging.WARNING):
+        assert not ckpt.save(model, optimizer, torch.Generator().get_state(), state(1), None)
+    assert "No space left on device" in caplog.text and "training goes on" in caplog.text
+    assert not any(ckpt.folder.iterdir())
+
+
+def test_an_unwritable_folder_is_an_error_naming_it(tmp_path):
+    (tmp_path / ".spamlora").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="checkpoints/key is not writable"):
+        Checkpoints(tmp_path, "key").check_writable()
+
+
+def test_the_key_follows_params_and_the_content_of_dependencies(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.bin").write_bytes(b"1")
+    (tmp_path / "train.csv").write_text("x")
+    deps = {"folder": tmp_path / "folder", "train.csv": tmp_path / "train.csv"}
+    key = computation_key({"lora.rank": 8}, deps)
+    assert key == computation_key({"lora.rank": 8}, deps)
+    assert key != computation_key({"lora.rank": 4}, deps)
+    (tmp_path / "train.csv").write_text("y")
+    changed = computation_key({"lora.rank": 8}, deps)
+    assert changed != key
+    (tmp_path / "folder" / "a.bin").write_bytes(b"2")
+    assert computation_key({"lora.rank": 8}, deps) != changed
