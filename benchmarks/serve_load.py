@@ -76,9 +76,12 @@ def make_model(workdir: Path, model_dir: Path) -> tuple[Path, str]:
         EXPERIMENT, artifact_location=(workdir / "mlartifacts").as_uri())
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run() as run:
-        log_model(adapter, BaseReference.of_folder(model_dir, ModelParams()))
+        model_uri = log_model(adapter, BaseReference.of_folder(model_dir, ModelParams()))
     promote(run_id=run.info.run_id)
-    return adapter, uri
+    logged = Path(mlflow.artifacts.download_artifacts(model_uri))
+    size = sum(p.stat().st_size for p in logged.rglob("*") if p.is_file())
+    print(f"logged model: {size / 1e6:.1f} MB (adapter {adapter.stat().st_size / 1e6:.1f} MB)")
+    return adapter, uri, size
 
 
 def percentiles(latencies_ms: list[float]) -> dict:
@@ -219,7 +222,8 @@ def write_table(report: dict) -> None:
              f"{report['machine']['torch']}, {report['machine']['threads']} threads), "
              f"{report['precision']}, one server worker; cap {report['requests']} "
              f"requests or {report['seconds']:.0f} s a case, client timeout "
-             f"{report['timeout']:.0f} s.", "",
+             f"{report['timeout']:.0f} s. The logged model (rank 8, no base weights): "
+             f"{report['logged_model_bytes'] / 1e6:.1f} MB.", "",
              "| case | clients | messages/request | requests ok | errors | timeouts | "
              "p50 ms | p95 ms | p99 ms | messages/s |", "|---|---:|---:|---:|---:|---:|---:|"
              "---:|---:|---:|"]
@@ -273,7 +277,7 @@ def main() -> None:
         data_dir, model_dir = prepare(workdir, args.size)
         texts = (load_split(data_dir, "validation", None)["text"].tolist()
                  + load_split(data_dir, "test", None)["text"].tolist())
-        adapter, uri = make_model(workdir, model_dir)
+        adapter, uri, model_bytes = make_model(workdir, model_dir)
         local = in_process(model_dir, adapter, texts, args.requests, args.seconds)
         print("in-process:", json.dumps(local), flush=True)
         port = free_port()
@@ -295,7 +299,8 @@ def main() -> None:
                            f"({torch.backends.cpu.get_cpu_capability()})",
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
-        "size": args.size, "precision": local["precision"], "requests": args.requests,
+        "size": args.size, "logged_model_bytes": model_bytes,
+        "precision": local["precision"], "requests": args.requests,
         "seconds": args.seconds, "timeout": args.timeout,
         "in_process": local, "served": served, "verdict": judge(local, served)}
     print(json.dumps(report["verdict"], indent=2))

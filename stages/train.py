@@ -11,6 +11,7 @@ computation and gives bit-identical outputs. Step losses reach MLflow at each ch
 """
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -93,7 +94,7 @@ def main(params: Params) -> None:
             steps.sync(history)
             mlflow.log_metric("train_seconds", time.perf_counter() - start)
             save_adapter(model, spec, paths.adapter)
-            log_model(paths.adapter, BaseReference.of_folder(paths.base_model, params.model))
+            log_model(paths.adapter, base_reference(params, paths))
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({
@@ -108,6 +109,17 @@ def main(params: Params) -> None:
                 "run": run_facts(device, dtype), tracking.RUN_ID_KEY: run_id})
             checkpoints.remove()
     distributed.shutdown()
+
+
+def base_reference(params: Params, paths: Paths) -> BaseReference:
+    """The base the logged model references. A `--temp` or `--queue` experiment's own
+    folder vanishes after it: the main workspace's copy is named instead (loading
+    checks its content, and downloads the base if it differs)."""
+    ref = BaseReference.of_folder(paths.base_model, params.model)
+    main_copy = Paths(tracking.repo_root()).base_model
+    if main_copy.is_dir():
+        ref = dataclasses.replace(ref, trained_from=str(main_copy.resolve()))
+    return ref
 
 
 def checkpoint_key(params: Params, paths: Paths) -> str:
