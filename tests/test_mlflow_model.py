@@ -320,3 +320,15 @@ def test_an_over_long_message_is_truncated_with_a_warning(served, adapter):
     status, got = post(url, {"inputs": ["free prize " * 200]})
     assert status == 200 and got["predictions"][0]["label"] in ("spam", "ham")
     assert "message 0 is longer than 12 tokens and was truncated" in log.read_text()
+
+
+def test_a_request_that_waited_out_the_server_timeout_is_not_scored(store, monkeypatch):
+    model = mlflow.pyfunc.load_model(f"runs:/{store['runs']['low-exp']}/{MODEL_NAME}",
+                                     model_config={"precision": "fp32"})
+    inner = model.unwrap_python_model()
+    assert len(model.predict(["no wait"])) == 1
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0.2")
+    with inner.lock:  # another request being scored all that time
+        with pytest.raises(TimeoutError, match="busy for the whole request timeout"):
+            inner.predict(None, ["waits"])
+    assert len(inner.predict(None, ["after it"])) == 1

@@ -178,8 +178,16 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
-        with self.lock:
+        # Under `mlflow models serve`, a request not answered within its timeout has
+        # had its 504 already: scoring it anyway would only delay those behind it.
+        limit = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or -1)
+        if not self.lock.acquire(timeout=limit):
+            raise TimeoutError(f"not scored: the server was busy for the whole request "
+                               f"timeout ({limit:.0f} s)")
+        try:
             probs, truncated = self.predictor.spam_probabilities(texts)
+        finally:
+            self.lock.release()
         for i in truncated:
             log.warning("message %d is longer than %d tokens and was truncated", i,
                         self.predictor.spec.max_length)
