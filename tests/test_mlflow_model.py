@@ -332,3 +332,29 @@ def test_a_request_that_waited_out_the_server_timeout_is_not_scored(store, monke
         with pytest.raises(TimeoutError, match="busy for the whole request timeout"):
             inner.predict(None, ["waits"])
     assert len(inner.predict(None, ["after it"])) == 1
+
+
+def test_workers_starting_together_download_the_base_once(store, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ref = store["ref"]
+    with local_server() as server:
+        server.serve_dir("/hub/gpt2", store["base"])
+        moved = BaseReference(ref.name, server.base_url + "/hub/gpt2", ref.revision,
+                              ref.sha256, str(tmp_path / "gone"))
+        found, errors = [], []
+
+        def worker():
+            try:
+                found.append(find_base(moved, None))
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(set(found)) == 1
+        assert sum(r.hits for r in server.routes.values()) == len(MODEL_FILES)

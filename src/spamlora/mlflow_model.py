@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -115,19 +116,24 @@ def find_base(ref: BaseReference, explicit: str | Path | None,
             return trained_from
         log.info("not using the folder the adapter was trained from: %s", why)
     cache = ref.cache_folder
-    if cache.is_dir():
-        why = ref.mismatch(cache)
-        if why is None:
-            return cache
-        log.warning("cached base model %s is damaged (%s): downloading it again", cache, why)
-    log.info("downloading base model %s from %s into %s", ref.name, ref.url, cache)
-    try:
-        fetch_model(ref.name, ref.url, cache, download.timeout, download.retries,
-                    ref.revision, ref.sha256)
-    except SpamloraError as e:
-        raise BaseModelError(f"base model {ref.name} for this adapter is not on this "
-                             f"machine and could not be downloaded: {e}. Set "
-                             f"{BASE_MODEL_ENV} to a folder holding it.") from None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Several server workers may start at once: one downloads, the others then find it
+    # (fetch_model would otherwise clear another writer's half-done folder).
+    with FileLock(cache.parent / f"{cache.name}.lock"):
+        if cache.is_dir():
+            why = ref.mismatch(cache)
+            if why is None:
+                return cache
+            log.warning("cached base model %s is damaged (%s): downloading it again",
+                        cache, why)
+        log.info("downloading base model %s from %s into %s", ref.name, ref.url, cache)
+        try:
+            fetch_model(ref.name, ref.url, cache, download.timeout, download.retries,
+                        ref.revision, ref.sha256)
+        except SpamloraError as e:
+            raise BaseModelError(f"base model {ref.name} for this adapter is not on this "
+                                 f"machine and could not be downloaded: {e}. Set "
+                                 f"{BASE_MODEL_ENV} to a folder holding it.") from None
     return cache
 
 
