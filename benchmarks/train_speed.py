@@ -36,7 +36,7 @@ LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
 # table trains each batching with these four seeds.
 ACCURACY_SEEDS = (123, 1, 2, 3)
 TRAIN_CASES = ("spamlora", "spamlora-grouped", "peer-default", "peer-tuned")
-ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned")
+ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned", "spamlora-reference-init")
 # bf16 training must follow the fp32 trajectory this closely: per epoch, absolute, on the
 # train loss, validation loss and validation accuracy.
 BF16_TOLERANCE = 0.02
@@ -95,9 +95,9 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 # --- cases, each run in a child process ---------------------------------------------------
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
-                  grouped: bool = False) -> dict:
+                  grouped: bool = False, init: str = "textbook") -> dict:
     """The defaults (packed random batches), or `grouped`: padded batches of similar
-    length, the previous default."""
+    length, the previous default; `init`: `lora.init`."""
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
     from spamlora.classifier import build_classifier
@@ -121,7 +121,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     train_ids, _ = truncate(train_ids, max_length)
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
     spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=max_length,
-                       pad_id=tokenizer.pad_id)
+                       pad_id=tokenizer.pad_id, init=init)
     model = build_classifier(base, spec, seed=seed)
     setup = time.perf_counter() - start
     last_step_end = 0.0
@@ -279,7 +279,11 @@ CASES = {
     "peer-tuned": lambda d, m, n, seed=SEED: case_peer(d, m, n, tuned=True, seed=seed),
     "inference": case_inference,
     "bf16-vs-fp32": case_bf16_vs_fp32,
+    # Opt-in (--cases): the defaults with `lora.init: reference` (fan-in in_dim).
+    "spamlora-reference-init": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed,
+                                                                        init="reference"),
 }
+DEFAULT_CASES = [c for c in CASES if c != "spamlora-reference-init"]
 
 
 def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
@@ -380,7 +384,7 @@ def write_table(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     parser.add_argument("--limit", type=int, help="use only N messages per split (smoke runs)")
     parser.add_argument("--size", choices=["gpt2", "tiny"], default="gpt2")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(ACCURACY_SEEDS),
