@@ -121,6 +121,40 @@ def test_packed_linear_computes_what_autocast_computes(rows):
     torch.testing.assert_close(got_3d, want.view(1, rows, 96), atol=1e-2, rtol=1e-2)
 
 
+def test_packed_linear_takes_the_packed_kernel_for_every_row_count():
+    """Rows past PACKED_MAX_ROWS are packed too, a chunk at a time: a row's product does
+    not change with the rows beside it."""
+    if not can_pack_bf16():
+        pytest.skip("this CPU cannot pre-pack bf16 weights (needs AVX-512 BW/VL/DQ)")
+    torch.manual_seed(0)
+    packed = PackedLinear(nn.Linear(64, 96).to(torch.bfloat16))
+    x = torch.randn(2, 3 * PackedLinear.PACKED_MAX_ROWS + 7, 64)
+    together = packed(x)
+    alone = torch.stack([packed(row.view(1, 64)) for row in x.reshape(-1, 64)])
+    assert together.shape == (*x.shape[:2], 96)
+    torch.testing.assert_close(together.reshape(-1, 96), alone.view(-1, 96),
+                               atol=2 ** -7, rtol=2 ** -7)
+
+
+# A message's logits alone and among 63 others: the predictor's docstring promises this.
+BATCH_MATES_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_message_scores_the_same_alone_and_among_batch_mates(trained_like, dtype):
+    """bf16 on CPU: the pre-packed kernel where oneDNN can pack, else autocast's."""
+    rng = np.random.default_rng(0)
+    context = trained_like.cfg.context_length
+    lengths = [*rng.integers(1, 60, size=70), context, 1]
+    ids = [rng.integers(1, trained_like.cfg.vocab_size, size=n).tolist() for n in lengths]
+    cpu = torch.device("cpu")
+    merged = merged_for_inference(trained_like, dtype)
+    together = predict_logits(merged, ids, 0, 64, cpu, dtype)
+    alone = np.concatenate([predict_logits(merged, [t], 0, 64, cpu, dtype) for t in ids])
+    np.testing.assert_allclose(alone, together, atol=BATCH_MATES_ATOL[dtype], rtol=0)
+    assert np.abs(together).max() < 2  # so one bf16 step of the logits is at most 2**-7
+
+
 def test_merged_bf16_inference_agrees_with_the_trained_model(trained_like):
     rng = np.random.default_rng(0)
     vocab = trained_like.cfg.vocab_size

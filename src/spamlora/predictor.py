@@ -1,6 +1,8 @@
 """A trained classifier ready for inference: base weights + adapter, LoRA merged.
 
-Used by the evaluate stage and by `spamlora predict`, so both give the same numbers.
+Used by the evaluate stage and by `spamlora predict`, so both give the same numbers: a
+message's score does not depend on the batch it is scored in (evaluate's 64 or predict's
+one), within 1e-5 of the logits in fp32 and one bf16 rounding step in bf16 (tested).
 """
 
 from __future__ import annotations
