@@ -301,9 +301,9 @@ def test_mlflow_models_serve_answers_inputs_and_dataframe_split(served, store, a
 
 
 @pytest.mark.parametrize("body", [
-    # (In `inputs`, MLflow's parser casts numbers and null to strings before the model
-    # sees them; `dataframe_split` keeps the JSON types.)
     b"{not json", {"inputs": []}, {"inputs": ["fine", ""]}, {"inputs": [{"text": "x"}]},
+    {"inputs": ["fine", 7]}, {"inputs": ["fine", None]}, {"inputs": [["fine"], [7]]},
+    {"instances": ["fine", 7.5]}, {"inputs": 7},
     {"dataframe_split": {"columns": ["text"], "data": [["fine"], [7]]}},
     {"dataframe_split": {"columns": ["message"], "data": [["x"]]}}, {"wrong_key": ["x"]},
 ])

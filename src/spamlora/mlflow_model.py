@@ -32,6 +32,7 @@ import pandas as pd
 from filelock import FileLock
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
@@ -46,9 +47,12 @@ BASE_MODEL_ENV = "SPAMLORA_BASE_MODEL"
 ADAPTER_ARTIFACT = "adapter"
 TEXT_COLUMN = "text"
 # Unnamed, so that `{"inputs": ["msg", ...]}` and a plain list pass MLflow's schema
-# check (a named column refuses them); `predict` then takes the `text` column.
+# check (a named column refuses them); `predict` then takes the `text` column. `any`, not
+# `string`: for a string column MLflow's `inputs` parser casts numbers and null to text
+# ("7", "None") before the model sees them; `model_texts` checks the types instead, so a
+# non-string message is an HTTP 400 in every payload form.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string")]),
+    inputs=Schema([ColSpec(AnyType())]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]))
 INPUT_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize reward! Call now",
                  "Are we still on for lunch tomorrow?"]
