@@ -334,6 +334,24 @@ def test_a_request_that_waited_out_the_server_timeout_is_not_scored(store, monke
     assert len(inner.predict(None, ["after it"])) == 1
 
 
+def test_a_request_that_would_finish_after_the_server_timeout_is_not_scored(
+        store, monkeypatch):
+    model = mlflow.pyfunc.load_model(f"runs:/{store['runs']['low-exp']}/{MODEL_NAME}",
+                                     model_config={"precision": "fp32"})
+    inner = model.unwrap_python_model()
+    assert len(model.predict(["measured"])) == 1
+    assert 0 < inner.seconds_per_message < 5
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "10")
+    assert len(inner.predict(None, ["fits"])) == 1
+    inner.seconds_per_message = 1.0  # as if the machine scored a message a second
+    with pytest.raises(TimeoutError, match=r"12 messages take ~12 s here, 1\d s of the "
+                                           r"request timeout \(10 s\) were left"):
+        inner.predict(None, ["too many"] * 12)
+    assert len(inner.predict(None, ["few enough"] * 3)) == 3
+    monkeypatch.delenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")  # no server: no limit
+    assert len(inner.predict(None, ["not served"] * 12)) == 12
+
+
 def test_workers_starting_together_download_the_base_once(store, tmp_path, monkeypatch):
     import threading
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -178,6 +179,7 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.lock = threading.Lock()
+        self.seconds_per_message = 0.0  # measured, for requests that could not finish
         config = {**DEFAULT_CONFIG, **context.model_config}
         self.threshold = float(config["threshold"])
         base = find_base(BaseReference(**config["base"]), config.get("base_model"),
@@ -188,14 +190,26 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
+        arrived = time.monotonic()
         # Under `mlflow models serve`, a request not answered within its timeout has
-        # had its 504 already: scoring it anyway would only delay those behind it.
+        # had its 504 already: scoring it anyway would only delay those behind it. So
+        # is one that would finish too late, at the rate the last requests were scored.
         limit = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or -1)
         if not self.lock.acquire(timeout=limit):
             raise TimeoutError(f"not scored: the server was busy for the whole request "
                                f"timeout ({limit:.0f} s)")
         try:
+            left = arrived + limit - time.monotonic()
+            needed = len(texts) * self.seconds_per_message
+            if limit > 0 and needed > left:
+                raise TimeoutError(f"not scored: {len(texts)} messages take ~{needed:.0f} s "
+                                   f"here, {max(left, 0):.0f} s of the request timeout "
+                                   f"({limit:.0f} s) were left")
+            start = time.monotonic()
             probs, truncated = self.predictor.spam_probabilities(texts)
+            rate = (time.monotonic() - start) / len(texts)
+            self.seconds_per_message = rate if not self.seconds_per_message else (
+                0.7 * self.seconds_per_message + 0.3 * rate)
         finally:
             self.lock.release()
         for i in truncated:
