@@ -49,7 +49,7 @@ def test_serve_load_smoke_run(tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"),
                            "--size", "tiny", "--requests", "6", "--seconds", "5",
-                           "--out", str(out)],
+                           "--pairs", "3", "--server-timeout", "90", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -59,6 +59,9 @@ def test_serve_load_smoke_run(tmp_path):
         assert case["ok"] + case["errors"] + case["timeouts"] == case["requests"] > 0
         assert case["errors"] == 0 and case["p50_ms"] > 0
     assert report["in_process"]["size_64"]["messages_per_s"] > 0
+    assert report["server_timeout"] == 90 and report["paired"]["pairs"] == 3
+    assert (report["verdict"]["http_overhead_p50_ms"]
+            == report["paired"]["overhead_p50_ms"])
     assert set(report["verdict"]) == {"http_overhead_p50_ms", "overhead_ok",
                                       "throughput_ratio_4_clients", "throughput_ok",
                                       "clean_at_16_clients"}
