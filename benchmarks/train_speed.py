@@ -30,6 +30,7 @@ SHARED = REPO.parent / "shared" / "data"
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+SWEEP_START, SWEEP_END = "<!-- rank-sweep:start -->", "<!-- rank-sweep:end -->"
 
 LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
 # Validation accuracy after one epoch depends on the seed by several points: the accuracy
@@ -95,9 +96,10 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 # --- cases, each run in a child process ---------------------------------------------------
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
-                  grouped: bool = False, init: str = "textbook") -> dict:
+                  grouped: bool = False, init: str = "textbook", rank: int = RANK) -> dict:
     """The defaults (packed random batches), or `grouped`: padded batches of similar
-    length, the previous default; `init`: `lora.init`."""
+    length, the previous default; `init`: `lora.init`; `rank` with alpha fixed at 8, as
+    `dvc exp run -S lora.rank=...` would."""
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
     from spamlora.classifier import build_classifier
@@ -120,7 +122,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     max_length = min(max(map(len, train_ids)), base.cfg.context_length)
     train_ids, _ = truncate(train_ids, max_length)
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
-    spec = AdapterSpec("gpt2", base.cfg, RANK, RANK, max_length=max_length,
+    spec = AdapterSpec("gpt2", base.cfg, rank, RANK, max_length=max_length,
                        pad_id=tokenizer.pad_id, init=init)
     model = build_classifier(base, spec, seed=seed)
     setup = time.perf_counter() - start
@@ -139,7 +141,8 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     return {"precision": str(dtype).removeprefix("torch."), "setup_seconds": setup,
             "train_seconds": train_seconds, "validation_seconds": total - train_seconds,
             "examples": len(train), "final_step_loss": history.step_losses[-1],
-            "val_accuracy": history.epochs[-1].val_accuracy}
+            "val_accuracy": history.epochs[-1].val_accuracy,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
@@ -280,19 +283,22 @@ CASES = {
     "inference": case_inference,
     "bf16-vs-fp32": case_bf16_vs_fp32,
     # Opt-in (--cases): the defaults with `lora.init: reference` (fan-in in_dim).
-    "spamlora-reference-init": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed,
-                                                                        init="reference"),
+    "spamlora-reference-init": lambda d, m, n, seed=SEED, rank=RANK: case_spamlora(
+        d, m, n, seed, init="reference", rank=rank),
 }
+# --ranks: the defaults at each rank, with each `lora.init`
+RANK_CASES = {"textbook": "spamlora", "reference": "spamlora-reference-init"}
 DEFAULT_CASES = [c for c in CASES if c != "spamlora-reference-init"]
 
 
 def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
-              seed: int | None = None) -> dict:
+              seed: int | None = None, rank: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(data_dir),
            "--model", str(model_dir)] + (["--limit", str(limit)] if limit else []) + (
-        ["--seed", str(seed)] if seed is not None else [])
-    print(f"running {case}{'' if seed is None else f' (seed {seed})'} ...", file=sys.stderr,
-          flush=True)
+        ["--seed", str(seed)] if seed is not None else []) + (
+        ["--rank", str(rank)] if rank is not None else [])
+    print(f"running {case}{'' if seed is None else f' (seed {seed})'}"
+          f"{'' if rank is None else f' (rank {rank})'} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"case {case} failed:\n{proc.stderr[-4000:]}")
@@ -381,6 +387,58 @@ def write_table(report: dict) -> None:
     README.write_text(head + "\n".join(lines) + tail, encoding="utf-8")
 
 
+def machine() -> dict:
+    import torch
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} CPU "
+                       f"({torch.backends.cpu.get_cpu_capability()})",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def rank_sweep(args: argparse.Namespace) -> None:
+    """Validation accuracy after one epoch at each rank, for both LoRA inits: with alpha
+    fixed, the textbook init's step size also changes with the rank (issue 17)."""
+    import numpy as np
+
+    seeds = args.seeds or [SEED]
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, model_dir = prepare(Path(tmp), args.size)
+        runs = {init: {rank: {seed: run_child(case, data_dir, model_dir, args.limit, seed, rank)
+                              for seed in seeds}
+                       for rank in args.ranks}
+                for init, case in RANK_CASES.items()}
+    table = {init: {rank: {"val_accuracy": [r["val_accuracy"] for r in by_seed.values()],
+                           "mean": float(np.mean([r["val_accuracy"] for r in by_seed.values()])),
+                           "trainable": next(iter(by_seed.values()))["trainable"],
+                           "train_seconds": [r["train_seconds"] for r in by_seed.values()]}
+                    for rank, by_seed in by_rank.items()}
+             for init, by_rank in runs.items()}
+    report = {**machine(), "size": args.size, "limit": args.limit, "alpha": RANK,
+              "seeds": seeds, "ranks": args.ranks, "table": table, "runs": runs}
+    out = args.out or RESULTS / f"rank_sweep-{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    lines = [SWEEP_START, "",
+             f"Measured {report['date']} on {report['machine']} (torch {report['torch']}, "
+             f"{report['threads']} threads): validation accuracy after one epoch, alpha 8, "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.", "",
+             "| LoRA rank | trainable | `init: textbook` | `init: reference` |",
+             "|---:|---:|---:|---:|"]
+    for rank in args.ranks:
+        t, r = table["textbook"][rank], table["reference"][rank]
+        lines.append(f"| {rank} | {t['trainable']:,} | {t['mean']:.3f} | {r['mean']:.3f} |")
+    lines += ["", SWEEP_END]
+    print("\n".join(lines))
+    if args.out is None:
+        text = README.read_text(encoding="utf-8")
+        head, found, rest = text.partition(SWEEP_START)
+        _, _, tail = rest.partition(SWEEP_END)
+        README.write_text((head + "\n".join(lines) + tail) if found
+                          else text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n",
+                          encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,21 +449,27 @@ def main() -> None:
                         help="seeds of the accuracy table (none: skip it)")
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/"
                                                  "<date>.json, and the README table)")
+    parser.add_argument("--ranks", type=int, nargs="+",
+                        help="instead: the rank sweep, each rank with both `lora.init`s "
+                             "and each of --seeds (alpha fixed at 8)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.case:  # a child: one case, one JSON line
-        seed = {} if args.seed is None else {"seed": args.seed}
-        result = CASES[args.case](args.data, args.model, args.limit, **seed)
+        kwargs = {k: v for k, v in (("seed", args.seed), ("rank", args.rank)) if v is not None}
+        result = CASES[args.case](args.data, args.model, args.limit, **kwargs)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 
-    import torch
 
+    if args.ranks:
+        rank_sweep(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, model_dir = prepare(Path(tmp), args.size)
         results = {case: run_child(case, data_dir, model_dir, args.limit)
@@ -417,10 +481,7 @@ def main() -> None:
                 if seed not in accuracy_runs[case]:
                     accuracy_runs[case][seed] = run_child(case, data_dir, model_dir,
                                                           args.limit, seed)
-    report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()})",
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "size": args.size, "limit": args.limit, "results": results}
+    report = {**machine(), "size": args.size, "limit": args.limit, "results": results}
     if "spamlora" in results:
         report["summary"] = summarise(results)
     if args.seeds:
