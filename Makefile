@@ -39,11 +39,12 @@ bench-serve: $(VENV)/.dev
 # On CPU each worker gets its share of the cores (oversubscribed, they run ~10x slower).
 SWEEP_RANKS ?= 1,2,4,8,16
 SWEEP_SEEDS ?= 123,7
+SWEEP_INIT ?= textbook
 SWEEP_JOBS ?= 2
 SWEEP_THREADS ?= $(shell echo $$(( $$(nproc) / $(SWEEP_JOBS) > 0 ? $$(nproc) / $(SWEEP_JOBS) : 1 )))
 sweep: $(VENV)/.runtime
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue \
-		-S 'lora.rank=$(SWEEP_RANKS)' -S 'train.seed=$(SWEEP_SEEDS)'
+		-S 'lora.rank=$(SWEEP_RANKS)' -S 'train.seed=$(SWEEP_SEEDS)' -S 'lora.init=$(SWEEP_INIT)'
 	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$(SWEEP_THREADS) \
 		$(BIN)/dvc queue start -j $(SWEEP_JOBS)
 	while PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue status | grep -qE 'Queued|Running'; \
