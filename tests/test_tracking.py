@@ -5,7 +5,6 @@ import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from spamlora.tracking import (
     file_md5,
 )
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .workspace import stage_workspace
 
 
@@ -191,12 +190,6 @@ def test_parallel_workers_creating_a_fresh_store_all_land(tmp_path):
     client = mlflow.MlflowClient()
     (experiment,) = [e for e in client.search_experiments() if e.name == EXPERIMENT]
     assert len(client.search_runs([experiment.experiment_id])) == 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
