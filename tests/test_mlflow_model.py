@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from spamlora.predictor import Predictor
 from spamlora.registry import PromotionError, promote
 from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE, TRAINING_RUN_TAG
 
-from .conftest import local_server
+from .conftest import free_port, local_server
 
 MESSAGES = ["WINNER!! claim your free prize now", "ok see you at 5",
             "Congratulations, you have been selected for a cash reward of 1000 pounds"]
@@ -63,7 +62,7 @@ def store(tmp_path_factory, tiny_gpt2, adapter):
             mlflow.log_metric("test.accuracy", accuracy)
             mlflow.log_metric("val_loss", 1 - accuracy)
         runs[exp_name] = run.info.run_id
-    yield {"root": root, "uri": uri, "base": base, "runs": runs, "ref": ref,
+    yield {"root": root, "uri": uri, "base": base, "runs": runs, "ref": ref, "adapter": adapter,
            "experiment_id": experiment.experiment_id}
     for k, v in saved.items():
         if v is None:
@@ -121,6 +120,32 @@ def test_the_logged_model_references_the_base_and_holds_no_copy(store, adapter):
     assert config["base"]["sha256"] == store["ref"].sha256
     assert set(config["base"]["sha256"]) == set(MODEL_FILES)
     assert mlflow.models.Model.load(folder / "MLmodel").signature is not None
+
+
+def test_loading_hashes_each_base_file_once(store, tmp_path, monkeypatch):
+    """The adapter records its base's hashes (as training writes it); find_base has
+    verified them already, so the Predictor does not hash the base a second time."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    import spamlora.mlflow_model
+    import spamlora.weights
+    from spamlora.adapter import read_adapter
+    from spamlora.weights import base_fingerprint
+
+    spec, tensors = read_adapter(adapter_path := store["adapter"])
+    spec = dataclasses.replace(spec, base_sha256=base_fingerprint(store["base"]))
+    save_file(tensors, tmp_path / adapter_path.name, metadata=spec.to_metadata())
+    with mlflow.start_run():
+        uri = log_model(tmp_path / adapter_path.name, store["ref"])
+    hashed = []
+    for module in (spamlora.mlflow_model, spamlora.weights):
+        real = module.file_sha256
+        monkeypatch.setattr(module, "file_sha256",
+                            lambda path, real=real: hashed.append(Path(path).name) or real(path))
+    mlflow.pyfunc.load_model(uri)
+    assert sorted(hashed) == sorted(MODEL_FILES)
 
 
 def test_a_base_with_one_changed_byte_is_refused(store, tmp_path, monkeypatch):
@@ -235,12 +260,6 @@ def test_a_run_without_a_model_cannot_be_promoted(store):
     mlflow.MlflowClient().delete_run(run.info.run_id)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(store):
     """`mlflow models serve` of the registry's `serving` alias on an ephemeral port."""
@@ -315,6 +334,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(served, body):
     assert status == 200 and len(got["predictions"]) == 1
 
 
+def test_a_bad_message_is_named_in_the_served_error(served):
+    url, _ = served
+    status, got = post(url, {"inputs": ["fine", 7]})
+    assert status == 400 and "message 1 is int, not a string" in got["message"]
+    status, got = post(url, {"dataframe_split": {"columns": ["text"], "data": [[" "]]}})
+    assert status == 400 and "message 0 is empty" in got["message"]
+
+
 def test_an_over_long_message_is_truncated_with_a_warning(served, adapter):
     url, log = served
     status, got = post(url, {"inputs": ["free prize " * 200]})
@@ -329,8 +356,9 @@ def test_a_request_that_waited_out_the_server_timeout_is_not_scored(store, monke
     assert len(model.predict(["no wait"])) == 1
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0.2")
     with inner.lock:  # another request being scored all that time
-        with pytest.raises(TimeoutError, match="busy for the whole request timeout"):
+        with pytest.raises(TimeoutError, match="busy for the whole request timeout") as e:
             inner.predict(None, ["waits"])
+    assert e.value.get_http_status_code() == 503  # served: "try again later"
     assert len(inner.predict(None, ["after it"])) == 1
 
 

@@ -31,7 +31,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
@@ -67,6 +69,21 @@ RUNTIME_PACKAGES = ("torch", "tiktoken", "safetensors", "numpy", "pandas", "mlfl
 
 class BaseModelError(SpamloraError):
     """No base model with the files the adapter was trained on could be found."""
+
+
+class InvalidInput(MlflowException, ValueError):
+    """Messages the model cannot score: HTTP 400 with this message when served (MLflow
+    answers any other exception in `predict` with a generic one)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class Busy(MlflowException, TimeoutError):
+    """A request the server could not score in time: HTTP 503, so a client retries."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -144,8 +161,8 @@ def find_base(ref: BaseReference, explicit: str | Path | None,
 
 def model_texts(model_input: object) -> list[str]:
     """The messages of a pyfunc input: a list of strings, or a DataFrame whose `text`
-    column (or only, unnamed column) holds them. Anything else is a ValueError, which
-    MLflow's scoring server answers with HTTP 400."""
+    column (or only, unnamed column) holds them. Anything else is an `InvalidInput`,
+    which MLflow's scoring server answers with HTTP 400 and its message."""
     if isinstance(model_input, pd.DataFrame):
         columns = list(model_input.columns)
         if TEXT_COLUMN in columns:
@@ -153,22 +170,22 @@ def model_texts(model_input: object) -> list[str]:
         elif columns == [0]:  # a list or `inputs` payload, after MLflow's schema check
             column = 0
         else:
-            raise ValueError(f"expected a {TEXT_COLUMN!r} column, got columns {columns}")
+            raise InvalidInput(f"expected a {TEXT_COLUMN!r} column, got columns {columns}")
         values = model_input[column].tolist()
     elif isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
         values = list(model_input)
     elif isinstance(model_input, str):
         values = [model_input]
     else:
-        raise ValueError(f"expected a list of messages or a DataFrame with a "
+        raise InvalidInput(f"expected a list of messages or a DataFrame with a "
                          f"{TEXT_COLUMN!r} column, got {type(model_input).__name__}")
     if not values:
-        raise ValueError("no messages given")
+        raise InvalidInput("no messages given")
     for i, text in enumerate(values):
         if not isinstance(text, str):
-            raise ValueError(f"message {i} is {type(text).__name__}, not a string")
+            raise InvalidInput(f"message {i} is {type(text).__name__}, not a string")
         if not text.strip():
-            raise ValueError(f"message {i} is empty")
+            raise InvalidInput(f"message {i} is empty")
     return values
 
 
@@ -182,11 +199,14 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         self.seconds_per_message = 0.0  # measured, for requests that could not finish
         config = {**DEFAULT_CONFIG, **context.model_config}
         self.threshold = float(config["threshold"])
-        base = find_base(BaseReference(**config["base"]), config.get("base_model"),
+        reference = BaseReference(**config["base"])
+        base = find_base(reference, config.get("base_model"),
                          DownloadParams(**config.get("download", {})))
+        # find_base hashed every file against the reference: no second pass over them
         self.predictor = Predictor(base, context.artifacts[ADAPTER_ARTIFACT],
                                    device=config["device"], precision=config["precision"],
-                                   batch_size=int(config["batch_size"]), strict=True)
+                                   batch_size=int(config["batch_size"]), strict=True,
+                                   base_sha256=reference.sha256)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
@@ -196,13 +216,13 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         # is one that would finish too late, at the rate the last requests were scored.
         limit = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or -1)
         if not self.lock.acquire(timeout=limit):
-            raise TimeoutError(f"not scored: the server was busy for the whole request "
+            raise Busy(f"not scored: the server was busy for the whole request "
                                f"timeout ({limit:.0f} s)")
         try:
             left = arrived + limit - time.monotonic()
             needed = len(texts) * self.seconds_per_message
             if limit > 0 and needed > left:
-                raise TimeoutError(f"not scored: {len(texts)} messages take ~{needed:.0f} s "
+                raise Busy(f"not scored: {len(texts)} messages take ~{needed:.0f} s "
                                    f"here, {max(left, 0):.0f} s of the request timeout "
                                    f"({limit:.0f} s) were left")
             start = time.monotonic()

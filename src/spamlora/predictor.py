@@ -22,11 +22,12 @@ from .tokenizer import Tokenizer
 
 class Predictor:
     def __init__(self, weights: str | Path, adapter: str | Path, device: str = "auto",
-                 precision: str = "auto", batch_size: int = 64, strict: bool = False):
+                 precision: str = "auto", batch_size: int = 64, strict: bool = False,
+                 base_sha256: dict[str, str] | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.batch_size = batch_size
-        model, self.spec = load_classifier(weights, adapter, strict)
+        model, self.spec = load_classifier(weights, adapter, strict, base_sha256)
         self.model = merged_for_inference(model.to(self.device), self.dtype)
         self.tokenizer = Tokenizer(weights)
         if self.tokenizer.pad_id != self.spec.pad_id:
