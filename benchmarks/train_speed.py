@@ -96,10 +96,12 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 # --- cases, each run in a child process ---------------------------------------------------
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
-                  grouped: bool = False, init: str = "textbook", rank: int = RANK) -> dict:
+                  grouped: bool = False, init: str = "textbook", rank: int = RANK,
+                  padded: bool = False) -> dict:
     """The defaults (packed random batches), or `grouped`: padded batches of similar
-    length, the previous default; `init`: `lora.init`; `rank` with alpha fixed at 8, as
-    `dvc exp run -S lora.rank=...` would."""
+    length, the previous default; `padded`: random batches padded to their longest;
+    `init`: `lora.init`; `rank` with alpha fixed at 8, as `dvc exp run -S lora.rank=...`
+    would."""
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
     from spamlora.classifier import build_classifier
@@ -113,7 +115,8 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
     params = TrainParams(epochs=1, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
                          seed=seed, **(dict(padding="batch", group_by_length=True)
-                                       if grouped else {}))
+                                       if grouped else {}),
+                         **(dict(padding="batch") if padded else {}))
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
@@ -282,13 +285,15 @@ CASES = {
     "peer-tuned": lambda d, m, n, seed=SEED: case_peer(d, m, n, tuned=True, seed=seed),
     "inference": case_inference,
     "bf16-vs-fp32": case_bf16_vs_fp32,
-    # Opt-in (--cases): the defaults with `lora.init: reference` (fan-in in_dim).
+    # Opt-in (--cases): random batches padded, not packed (the same trajectory, more
+    # tokens); the defaults with `lora.init: reference` (fan-in in_dim).
+    "spamlora-padded": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed, padded=True),
     "spamlora-reference-init": lambda d, m, n, seed=SEED, rank=RANK: case_spamlora(
         d, m, n, seed, init="reference", rank=rank),
 }
 # --ranks: the defaults at each rank, with each `lora.init`
 RANK_CASES = {"textbook": "spamlora", "reference": "spamlora-reference-init"}
-DEFAULT_CASES = [c for c in CASES if c != "spamlora-reference-init"]
+DEFAULT_CASES = [c for c in CASES if c not in ("spamlora-padded", "spamlora-reference-init")]
 
 
 def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
