@@ -178,7 +178,7 @@ def model_texts(model_input: object) -> list[str]:
         values = [model_input]
     else:
         raise InvalidInput(f"expected a list of messages or a DataFrame with a "
-                         f"{TEXT_COLUMN!r} column, got {type(model_input).__name__}")
+                           f"{TEXT_COLUMN!r} column, got {type(model_input).__name__}")
     if not values:
         raise InvalidInput("no messages given")
     for i, text in enumerate(values):
@@ -217,14 +217,14 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         limit = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or -1)
         if not self.lock.acquire(timeout=limit):
             raise Busy(f"not scored: the server was busy for the whole request "
-                               f"timeout ({limit:.0f} s)")
+                       f"timeout ({limit:.0f} s)")
         try:
             left = arrived + limit - time.monotonic()
             needed = len(texts) * self.seconds_per_message
             if limit > 0 and needed > left:
                 raise Busy(f"not scored: {len(texts)} messages take ~{needed:.0f} s "
-                                   f"here, {max(left, 0):.0f} s of the request timeout "
-                                   f"({limit:.0f} s) were left")
+                           f"here, {max(left, 0):.0f} s of the request timeout "
+                           f"({limit:.0f} s) were left")
             start = time.monotonic()
             probs, truncated = self.predictor.spam_probabilities(texts)
             rate = (time.monotonic() - start) / len(texts)
