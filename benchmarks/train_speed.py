@@ -104,7 +104,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     would."""
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
-    from spamlora.classifier import build_classifier
+    from spamlora.classifier import build_classifier, count_parameters
     from spamlora.config import TrainParams
     from spamlora.precision import resolve_device, resolve_precision
     from spamlora.tokenizer import Tokenizer
@@ -145,7 +145,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
             "train_seconds": train_seconds, "validation_seconds": total - train_seconds,
             "examples": len(train), "final_step_loss": history.step_losses[-1],
             "val_accuracy": history.epochs[-1].val_accuracy,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            "trainable": count_parameters(model)[0]}
 
 
 def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
