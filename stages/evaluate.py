@@ -7,8 +7,9 @@ import pandas as pd
 from spamlora import stage, tracking
 from spamlora.config import Params
 from spamlora.data import read_labelled_csv, seen_in, write_csv
-from spamlora.evaluate import classification_metrics, precision_recall_curve, roc_curve, softmax
+from spamlora.evaluate import classification_metrics, precision_recall_curve, roc_curve
 from spamlora.fileio import write_json
+from spamlora.inference import softmax
 from spamlora.paths import SPLITS, Paths
 from spamlora.precision import run_facts
 from spamlora.predictor import Predictor

@@ -10,8 +10,8 @@ from spamlora.evaluate import (
     precision_recall_curve,
     roc_auc,
     roc_curve,
-    softmax,
 )
+from spamlora.inference import softmax
 
 
 def logits_for(spam_prob):

@@ -10,11 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from .inference import softmax
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

@@ -14,8 +14,7 @@ import numpy as np
 from .adapter import AdapterError
 from .batching import encode
 from .classifier import load_classifier
-from .evaluate import softmax
-from .inference import merged_for_inference, predict_logits
+from .inference import merged_for_inference, predict_logits, softmax
 from .precision import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
