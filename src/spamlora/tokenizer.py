@@ -61,7 +61,10 @@ class Tokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts)
+        # Not tiktoken's encode_ordinary_batch: it hands every text to a thread pool,
+        # which costs more than encoding an SMS (200,000 messages: 11.8 s against 1.4 s
+        # in one thread; the real collection repeated: 14.1 s against 4.2 s).
+        return [self.encoding.encode_ordinary(text) for text in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
