@@ -65,3 +65,26 @@ def test_serve_load_smoke_run(tmp_path):
     assert set(report["verdict"]) == {"http_overhead_p50_ms", "overhead_ok",
                                       "throughput_ratio_4_clients", "throughput_ok",
                                       "clean_at_16_clients"}
+
+
+@pytest.mark.e2e
+def test_rank_sweep_smoke_run(tmp_path):
+    if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
+        pytest.skip("the benchmark needs the real SMS data")
+    out = tmp_path / "sweep.json"
+    readme = (REPO / "benchmarks" / "README.md").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
+                           "--size", "tiny", "--limit", "24", "--ranks", "2", "4",
+                           "--seeds", "123", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ranks"] == [2, 4] and report["seeds"] == [123]
+    assert set(report["table"]) == {"textbook", "reference"}
+    for by_rank in report["table"].values():
+        assert set(by_rank) == {"2", "4"}  # JSON keys
+        assert by_rank["2"]["trainable"] < by_rank["4"]["trainable"]
+        for row in by_rank.values():
+            assert len(row["val_accuracy"]) == 1 and 0 <= row["mean"] <= 1
+    assert "| 4 |" in proc.stdout  # the table it prints
+    assert (REPO / "benchmarks" / "README.md").read_bytes() == readme  # --out: no edit
