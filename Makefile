@@ -23,12 +23,14 @@ repro: $(VENV)/.runtime
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers, each taking a whole test module at a time (module fixtures such as the
-# pipeline's `dvc repro` are built once), longest modules first (tests/conftest.py).
-# Most of the suite's time is process start-up, one core each: ~1.5x faster on 2 cores.
+# pipeline's `dvc repro` are built once), longest modules first (tests/conftest.py),
+# each with its share of the cores, as in `make sweep` (oversubscribed, 2 cores ran the
+# suite in 10.5 min instead of 8.9). Serially it takes ~19.5 min.
 TEST_JOBS ?= 2
+TEST_THREADS ?= $(shell echo $$(( $$(nproc) / $(TEST_JOBS) > 0 ? $$(nproc) / $(TEST_JOBS) : 1 )))
 test: $(VENV)/.dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_JOBS) \
-		--dist loadscope --no-loadscope-reorder
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$(TEST_THREADS) \
+		$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src stages tests benchmarks
