@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -29,14 +28,13 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_speed import README, RESULTS, load_split, prepare  # noqa: E402
+from train_speed import README, RESULTS, load_split, machine, prepare  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- serve:start -->", "<!-- serve:end -->"
 CLIENTS, REQUEST_SIZES, RANK = (1, 4, 16), (1, 64), 8
@@ -273,8 +271,8 @@ def fmt(value, spec: str) -> str:
 
 def write_table(report: dict) -> None:
     local, verdict = report["in_process"], report["verdict"]
-    lines = [f"Measured {report['date']} on {report['machine']['cpu']} (torch "
-             f"{report['machine']['torch']}, {report['machine']['threads']} threads), "
+    lines = [f"Measured {report['date']} on {report['machine']} (torch "
+             f"{report['torch']}, {report['threads']} threads), "
              f"{report['precision']}, one server worker, server request timeout "
              f"{report['server_timeout']:.0f} s; cap {report['requests']} "
              f"requests or {report['seconds']:.0f} s a case, client timeout "
@@ -341,8 +339,6 @@ def main() -> None:
                                                  "and the README table")
     args = parser.parse_args()
 
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(workdir / "cache")  # never the user's cache
@@ -376,12 +372,7 @@ def main() -> None:
             local[f"size_{size}"] = max(before[f"size_{size}"], after[f"size_{size}"],
                                         key=lambda r: r["messages_per_s"])
     report = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": {"cpu": f"{platform.machine()} CPU "
-                           f"({torch.backends.cpu.get_cpu_capability()})",
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "size": args.size, "logged_model_bytes": model_bytes,
+        **machine(), "size": args.size, "logged_model_bytes": model_bytes,
         "precision": local["precision"], "requests": args.requests,
         "seconds": args.seconds, "timeout": args.timeout,
         "server_timeout": args.server_timeout or 60.0, "paired": paired,

@@ -398,7 +398,8 @@ def machine() -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU "
                        f"({torch.backends.cpu.get_cpu_capability()})",
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
 
 
 def rank_sweep(args: argparse.Namespace) -> None:
