@@ -114,9 +114,8 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     start = time.perf_counter()
     train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
     params = TrainParams(epochs=1, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
-                         seed=seed, **(dict(padding="batch", group_by_length=True)
-                                       if grouped else {}),
-                         **(dict(padding="batch") if padded else {}))
+                         seed=seed, padding="batch" if grouped or padded else "packed",
+                         group_by_length=grouped)
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
