@@ -29,6 +29,7 @@ from spamlora.mlflow_model import (
     log_model,
     model_texts,
 )
+from spamlora.precision import resolve_device, resolve_precision
 from spamlora.predictor import Predictor
 from spamlora.registry import PromotionError, promote
 from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE, TRAINING_RUN_TAG
@@ -89,8 +90,8 @@ print(json.dumps({{"label": out["label"].tolist(),
 """
 
 
-def expected(store, adapter):
-    probs, _ = Predictor(store["base"], adapter, precision="fp32").spam_probabilities(
+def expected(store, adapter, precision="fp32"):
+    probs, _ = Predictor(store["base"], adapter, precision=precision).spam_probabilities(
         MESSAGES)
     return probs
 
@@ -306,7 +307,10 @@ def post(url: str, body: object) -> tuple[int, dict]:
 
 def test_mlflow_models_serve_answers_inputs_and_dataframe_split(served, store, adapter):
     url, _ = served
-    want = expected(store, adapter)  # the server's precision is auto: fp32 on this CPU
+    # The served model's precision is `auto`: whatever this host resolves it to, the
+    # server scores these messages in one batch of the same shapes as this Predictor.
+    host = str(resolve_precision("auto", resolve_device("auto"))).removeprefix("torch.")
+    want = expected(store, adapter, {"bfloat16": "bf16", "float32": "fp32"}[host])
     for body in ({"inputs": MESSAGES},
                  {"dataframe_split": {"columns": ["text"], "data": [[m] for m in MESSAGES]}}):
         status, got = post(url, body)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from spamlora import precision
 from spamlora.config import load_params
 from spamlora.errors import SpamloraError
 from spamlora.fileio import read_json
@@ -51,10 +52,15 @@ def workspace(tmp_path, tiny_gpt2, monkeypatch):
     return tmp_path
 
 
-def test_one_run_holds_params_metrics_artifacts_and_tags(workspace):
+@pytest.mark.parametrize("host_bf16", [True, False], ids=["bf16-host", "fp32-host"])
+def test_one_run_holds_params_metrics_artifacts_and_tags(workspace, monkeypatch, host_bf16):
+    """Both stages pinned to fp32, on a host whose `auto` would choose either (forced
+    here, so the test means the same on every CPU): the facts they record say fp32."""
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: host_bf16)
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(
         params, train=dataclasses.replace(params.train, epochs=2, precision="fp32"),
+        evaluate=dataclasses.replace(params.evaluate, precision="fp32"),
         lora=dataclasses.replace(params.lora, rank=4))
     for stage in ("train", "evaluate", "plot"):
         stage_main(stage)(params)
