@@ -1,6 +1,7 @@
 """`precision: auto`: bf16 where the hardware computes it, decided without relying on
 torch's private CPU probes alone."""
 
+import pytest
 import torch
 
 from spamlora import precision
@@ -25,6 +26,7 @@ def test_cpu_flags_are_read_from_cpuinfo():
 
 
 def test_auto_falls_back_to_cpuinfo_without_torchs_private_probes(monkeypatch, tmp_path):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the suite may run capped
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
     cpu = torch.device("cpu")
@@ -39,6 +41,7 @@ def test_auto_falls_back_to_cpuinfo_without_torchs_private_probes(monkeypatch, t
 
 
 def test_auto_follows_torchs_probes_when_present(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
@@ -51,3 +54,15 @@ def test_run_facts_name_device_precision_and_torch():
     assert facts["device"] == "cpu" and facts["precision"] == "bfloat16"
     assert facts["torch"] == torch.__version__
     assert torch.backends.cpu.get_cpu_capability() in facts["hardware"]
+
+
+@pytest.mark.parametrize("cap, bf16", [("AVX2", False), ("avx512_core", False),
+                                       ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True),
+                                       ("ALL", True), ("", True)])
+def test_auto_respects_a_onednn_cap_below_bf16(monkeypatch, cap, bf16):
+    """`ONEDNN_MAX_CPU_ISA=AVX2` on an AMX CPU: oneDNN would emulate bf16, so fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    want = torch.bfloat16 if bf16 else torch.float32
+    assert resolve_precision("auto", torch.device("cpu")) == want

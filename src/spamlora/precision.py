@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
 
@@ -36,10 +37,22 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+def onednn_capped_below_bf16() -> bool:
+    """Whether `ONEDNN_MAX_CPU_ISA` keeps oneDNN off this CPU's bf16 instructions (AVX2,
+    AVX512_CORE, ...): it then emulates bf16, more slowly than it computes fp32."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap in ("", "ALL", "DEFAULT"):
+        return False
+    return not any(part in cap for part in ("BF16", "AMX", "FP16", "AVX10"))
+
+
 def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AMX or AVX-512-BF16). torch answers through
-    private functions; where a torch release lacks them, Linux's /proc/cpuinfo does,
-    and elsewhere the answer is no (fp32: slower at worst, never wrong)."""
+    """Whether this CPU has bf16 arithmetic (AMX or AVX-512-BF16) that oneDNN may use.
+    torch answers through private functions; where a torch release lacks them, Linux's
+    /proc/cpuinfo does, and elsewhere the answer is no (fp32: slower at worst, never
+    wrong)."""
+    if onednn_capped_below_bf16():
+        return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported",
                                                           "_is_avx512_bf16_supported")]
     if all(callable(probe) for probe in probes):
