@@ -40,14 +40,22 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     return out
 
 
+def mkldnn_op(name: str):
+    """One of torch's private oneDNN ops, or None where this torch release lacks it:
+    a torch upgrade that drops them costs the pre-packed speed-up, never a result."""
+    return getattr(torch.ops.mkldnn, name, None)
+
+
 class PackedLinear(nn.Module):
     """A frozen bf16 Linear for CPU inference that keeps its weight pre-packed in oneDNN's
     blocked layout. A plain weight is re-laid-out inside every oneDNN call; for the few
     rows of a message or a short batch that costs as much as the product itself
     (measured: 73 GEMMs of one 30-token message 17 → 11 ms, same values). Every input
     takes the packed kernel, larger ones `PACKED_MAX_ROWS` rows at a time (where the plain
-    kernel would start to win): the path is chosen per model, not per batch, so a
-    message's score does not depend on how many rows its batch-mates bring."""
+    kernel would start to win), so the path is chosen per model, not per batch. Within
+    that path oneDNN still picks its blocking from a call's row count, so in bf16 a row's
+    product can differ by a rounding step with the rows beside it (see `can_pack_bf16`
+    for the fallback, and benchmarks/README.md for what that does to a message's score)."""
 
     PACKED_MAX_ROWS = 256
 
@@ -55,13 +63,14 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed_weight = mkldnn_op("_reorder_linear_weight")(linear.weight.detach())
+        self._product = mkldnn_op("_linear_pointwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cast as autocast would for the Linear: the result is the same bf16 product.
         rows = x.to(self.linear.weight.dtype).reshape(-1, self.in_features)
-        out = torch.cat([torch.ops.mkldnn._linear_pointwise(chunk, self.packed_weight,
-                                                            self.linear.bias, "none", [], "")
+        out = torch.cat([self._product(chunk, self.packed_weight, self.linear.bias, "none",
+                                       [], "")
                          for chunk in rows.split(self.PACKED_MAX_ROWS)])
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -69,14 +78,20 @@ class PackedLinear(nn.Module):
 @functools.cache
 def can_pack_bf16() -> bool:
     """Whether this torch build and CPU pre-pack bf16 weights for oneDNN (it needs
-    AVX-512 BW/VL/DQ or AVX-NE-CONVERT; plain AVX2 CPUs cannot)."""
-    if not torch.backends.mkldnn.is_available():
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT; plain AVX2 CPUs cannot) and the packed product
+    agrees with the plain one. The ops are private: where one is missing, renamed or
+    changed, the answer is no and inference takes autocast's plain bf16 Linear."""
+    reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
+    if not torch.backends.mkldnn.is_available() or reorder is None or product is None:
         return False
+    weight = torch.linspace(-1, 1, 64, dtype=torch.bfloat16).view(8, 8)
+    x = torch.linspace(-2, 2, 24, dtype=torch.bfloat16).view(3, 8)
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16))
-    except (RuntimeError, AttributeError):
+        got = product(x, reorder(weight), None, "none", [], "")
+    except (RuntimeError, TypeError, AttributeError):
         return False
-    return True
+    return got.shape == (3, 8) and torch.allclose(got.float(), (x @ weight.T).float(),
+                                                  atol=2 ** -6, rtol=2 ** -7)
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
@@ -93,9 +108,30 @@ def pack_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+class Fp32Head(nn.Module):
+    """The classification head computed in fp32 whatever the autocast: its few outputs
+    cost nothing, and the logits are not rounded to bf16's 8 significant bits (one such
+    step, 2**-7 for logits of 1 to 2, was the largest difference a message's bf16 score
+    showed between alone and among batch-mates; benchmarks/README.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear.float()
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.linear(x.float())
+
+
 def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
     """LoRA folded into the base weights (in fp32, then stored in the compute `dtype`):
     inference then costs what the base model costs. bf16 weights on CPU are also
-    pre-packed for oneDNN (`PackedLinear`); elsewhere Q, K and V are read as one matrix."""
-    model = cast_frozen_linears(freeze(merge(model)), dtype).store_qkv_together()
-    return pack_linears(model).eval()
+    pre-packed for oneDNN (`PackedLinear`); elsewhere Q, K and V are read as one matrix.
+    The head stays fp32 (`Fp32Head`)."""
+    model = freeze(merge(model))
+    head = model.out_head
+    model.out_head = nn.Identity()  # not cast or packed with the blocks' Linears
+    model = pack_linears(cast_frozen_linears(model, dtype).store_qkv_together())
+    model.out_head = Fp32Head(head)
+    return model.eval()
