@@ -9,7 +9,10 @@ those of pretrained ones) for a few steps of packed random batches:
   when two GPUs are there, else two processes sharing GPU 0 (NCCL refuses that: the
   report says so).
 It prints the per-step losses' largest difference to the CPU run and the seconds a step
-takes. Nothing here is a test: the suite runs on CPU machines.
+takes. Then it scores 72 messages with LoRA merged on CUDA, each alone and in batches of
+64, in fp32 and bf16: how far a message's logits move with its batch-mates, and bf16's
+distance from the CPU's fp32 result (benchmarks/bf16_batch_mates.py does this on CPU).
+Nothing here is a test: the suite runs on CPU machines.
 """
 
 from __future__ import annotations
@@ -68,16 +71,57 @@ def train(folder: str, device_name: str, precision: str, out: str) -> None:
     distributed.shutdown()
 
 
-def run(args: list[str], nproc: int = 1) -> dict:
+def score(folder: str, out: str) -> None:
+    """Writes {case: {batch_mates_max, vs_cpu_fp32_max, logit_scale}} for CUDA fp32 and bf16."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from spamlora.adapter import AdapterSpec
+    from spamlora.classifier import build_classifier
+    from spamlora.inference import merged_for_inference, predict_logits
+    from spamlora.lora import LinearWithLoRA
+    from spamlora.weights import load_gpt2
+
+    base = load_gpt2(folder)
+    spec = AdapterSpec("check", base.cfg, rank=8, alpha=8, max_length=256, pad_id=0)
+    model = build_classifier(base, spec, seed=123)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_(std=0.02)
+    rng = np.random.default_rng(0)
+    lengths = [*rng.integers(1, 120, size=70), 256, 1]
+    ids = [rng.integers(1, base.cfg.vocab_size, size=n).tolist() for n in lengths]
+    cpu = torch.device("cpu")
+    reference = predict_logits(merged_for_inference(copy.deepcopy(model)), ids, 0, 64, cpu)
+    report = {"logit_scale": float(np.abs(reference).max())}
+    cuda = torch.device("cuda")
+    for name, dtype in (("cuda-fp32", torch.float32), ("cuda-bf16", torch.bfloat16)):
+        merged = merged_for_inference(copy.deepcopy(model).to(cuda), dtype)
+        together = predict_logits(merged, ids, 0, 64, cuda, dtype)
+        alone = np.concatenate([predict_logits(merged, [t], 0, 64, cuda, dtype)
+                                for t in ids])
+        report[name] = {"batch_mates_max": float(np.abs(alone - together).max()),
+                        "vs_cpu_fp32_max": float(np.abs(together - reference).max())}
+    Path(out).write_text(json.dumps(report))
+
+
+def run(args: list[str], nproc: int = 1, mode: str = "--train") -> dict:
     out = tempfile.mktemp(suffix=".json")
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*launcher, __file__, "--train", *args, out], capture_output=True,
+    proc = subprocess.run([*launcher, __file__, mode, *args, out], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-1500:]}
-    return json.loads(Path(out).read_text())
+    # torchrun's own traceback ends the output; the failing rank's error comes before it.
+    errors = [line for line in proc.stderr.splitlines()
+              if "Error" in line and "ChildFailedError" not in line]
+    result = ({"error": errors[:3] or proc.stderr[-1500:]} if proc.returncode != 0
+              else json.loads(Path(out).read_text()))
+    print(mode, args[1:], nproc, json.dumps(result)[:300], file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> None:
@@ -105,6 +149,7 @@ def main() -> None:
                     case["max_abs_loss_diff_vs_cpu"] = max(
                         abs(a - b) for a, b in zip(case["losses"], reference, strict=True))
                     del case["losses"]
+            cases["inference"] = run([str(folder)], mode="--score")
             report[size] = cases
     print(json.dumps(report, indent=2))
 
@@ -112,5 +157,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--train"]:
         train(*sys.argv[2:])
+    elif sys.argv[1:2] == ["--score"]:
+        score(*sys.argv[2:])
     else:
         main()

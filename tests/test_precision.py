@@ -66,3 +66,16 @@ def test_auto_respects_a_onednn_cap_below_bf16(monkeypatch, cap, bf16):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     want = torch.bfloat16 if bf16 else torch.float32
     assert resolve_precision("auto", torch.device("cpu")) == want
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_attention_leaves_out_cudnn(training):
+    """cuDNN's attention plans every new shape (0.3 s a step on an H200): never chosen.
+    The backend switches are process-wide flags, so this needs no GPU."""
+    with precision.attention_kernels(torch.device("cuda"), training):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+    with precision.attention_kernels(torch.device("cpu"), training):
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() is not training

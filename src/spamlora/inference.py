@@ -12,7 +12,7 @@ from . import batching
 from .classifier import freeze
 from .lora import merge
 from .model import GPTModel
-from .precision import autocast, cast_frozen_linears
+from .precision import attention_kernels, autocast, cast_frozen_linears
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
     model.eval()
     out = np.zeros((len(token_ids), model.out_head.out_features), dtype=np.float32)
     order = batching.inference_order([len(t) for t in token_ids], batch_size)
-    with autocast(device, dtype):
+    with autocast(device, dtype), attention_kernels(device, training=False):
         for batch in batching.batches(token_ids, order, pad_id):
             b = batch.to(device)
             out[batch.index.numpy()] = b.logits(model).float().cpu().numpy()

@@ -93,14 +93,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
                           enabled=dtype == torch.bfloat16)
 
 
-def training_attention(device: torch.device):
-    """On CPU, the plain "math" attention kernel for training: for SMS-length sequences
-    the CPU flash-attention kernel's backward took ~20% of a step, the math kernel a
-    fraction of that, and it is deterministic. Inference keeps the default, whose forward
-    is faster (benchmarks/README.md). On CUDA the default kernels are kept: results there
-    are not bitwise reproducible run to run (README)."""
+# cuDNN's attention builds an execution plan for every new shape, and packed SMS batches
+# bring a new width nearly every step: measured on an H200 (GPT-2 124M, bf16, packed
+# batches of 8) 0.315 s a step with it among the candidates, 0.036 s without it
+# (benchmarks/README.md). fp32 never takes it. The memory-efficient kernel takes masks.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
+
+
+def attention_kernels(device: torch.device, training: bool):
+    """The attention kernels to use. On CPU for training, the plain "math" kernel: for
+    SMS-length sequences the CPU flash-attention kernel's backward took ~20% of a step,
+    the math kernel a fraction of that, and it is deterministic; inference keeps the
+    default, whose forward is faster (benchmarks/README.md). On CUDA every kernel but
+    cuDNN's (`CUDA_ATTENTION`); results there are not bitwise reproducible run to run
+    (README)."""
     if device.type == "cpu":
-        return sdpa_kernel([SDPBackend.MATH])
+        return sdpa_kernel([SDPBackend.MATH]) if training else contextlib.nullcontext()
+    if device.type == "cuda":
+        return sdpa_kernel(CUDA_ATTENTION)
     return contextlib.nullcontext()
 
 

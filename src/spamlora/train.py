@@ -23,7 +23,7 @@ from .config import TrainParams
 from .errors import Interrupted
 from .inference import predict_logits
 from .model import GPTModel
-from .precision import autocast, cast_frozen_linears, training_attention
+from .precision import attention_kernels, autocast, cast_frozen_linears
 
 # Validation is inference: larger batches cost nothing in accuracy.
 EVAL_BATCH_SIZE = 64
@@ -155,7 +155,7 @@ def train_classifier(
                                          batching.PAD_MULTIPLE, max_length)
             batch = batch.to(device)
             labels = labels_all[batch.index].to(device)
-            with autocast(device, dtype), training_attention(device):
+            with autocast(device, dtype), attention_kernels(device, training=True):
                 logits = batch.logits(net)
             local_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * weight
             optimizer.zero_grad(set_to_none=True)
