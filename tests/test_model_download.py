@@ -12,7 +12,7 @@ import yaml
 
 from spamlora.config import ModelParams, Params, ParamsError
 from spamlora.download import DownloadError
-from spamlora.fileio import read_json
+from spamlora.fileio import OutputExistsError, read_json
 from spamlora.hub import MODEL_FILES, PINS, file_sha256
 from spamlora.weights import fetch_model, load_gpt2, read_config
 
@@ -219,3 +219,75 @@ def test_a_killed_downloads_temp_folder_is_removed_by_the_next(hub, tmp_path, hf
     (stale / "model.safetensors").write_bytes(b"half of 6 GB")
     fetch(server, tmp_path / "base", pins)
     assert not stale.exists() and (tmp_path / "base" / "download.json").is_file()
+
+
+def test_a_folder_spamlora_did_not_write_is_refused_and_left_alone(hub, tmp_path, hf_cache):
+    """`spamlora download-model ~/models` once emptied the folder (issue 25)."""
+    server, pins = hub
+    mine = tmp_path / "models"
+    (mine / ".git").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"models: is a folder spamlora did not "
+                                                r"write \(no download.json in it\)"):
+        fetch(server, mine, pins)
+    assert sorted(p.name for p in mine.iterdir()) == [".git", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputExistsError, match="a-file: is a file"):
+        fetch(server, tmp_path / "a-file", pins)
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_the_cli_refuses_the_current_folder(hub, tmp_path, hf_cache, monkeypatch, capsys):
+    from spamlora.cli import main
+
+    server, _ = hub
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "README.md").write_text("a project")
+    monkeypatch.chdir(tmp_path)
+    code = main(["download-model", ".", "--url", url(server), "--revision", REVISION,
+                 "--no-checksums", "--retries", "0"])
+    assert code == 1
+    assert "spamlora download-model: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == [
+        ".git", "README.md"]
+
+
+def test_a_previous_download_is_updated_file_by_file(hub, tmp_path, hf_cache):
+    server, pins = hub
+    dest = tmp_path / "base"
+    fetch(server, dest, pins)
+    (dest / "notes.txt").write_text("mine")
+    (dest / "model.safetensors").write_bytes(b"damaged")
+    fetch(server, dest, pins)
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert file_sha256(dest / "model.safetensors") == pins["model.safetensors"]
+    load_gpt2(dest)
+    (empty := tmp_path / "empty").mkdir()
+    fetch(server, empty, pins)
+    assert (empty / "download.json").is_file()
+
+
+def test_a_running_writers_temp_folder_is_left_alone(hub, tmp_path, hf_cache):
+    server, pins = hub
+    running = tmp_path / f".base.tmp-{os.getpid()}-other"
+    running.mkdir()
+    (running / "model.safetensors").write_bytes(b"in progress")
+    dead = tmp_path / ".base.tmp-999999999-gone"  # above any pid Linux hands out
+    dead.mkdir()
+    fetch(server, tmp_path / "base", pins)
+    assert (running / "model.safetensors").read_bytes() == b"in progress"
+    assert not dead.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_a_downloaded_folder_gets_the_users_umask_not_0700(hub, tmp_path, hf_cache):
+    server, pins = hub
+    old = os.umask(0o022)
+    try:
+        fetch(server, tmp_path / "base", pins)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "base").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "base" / "download.json").stat().st_mode & 0o777 == 0o644

@@ -31,7 +31,7 @@ def fetch_dataset(urls: list[str], dest: str | Path, zip_name: str, messages_nam
                   retries: int) -> Downloaded:
     """Download the dataset zip into folder `dest`, extract the messages file and record
     what was fetched (url, sha256, bytes); `dest` appears only when all three exist."""
-    with atomic_path(dest, is_dir=True) as tmp:
+    with atomic_path(dest, is_dir=True, record=record_name) as tmp:
         got = download(urls, tmp / zip_name, sha256=sha256, timeout=timeout,
                        retries=retries)
         extract_messages(tmp / zip_name, tmp / messages_name)

@@ -10,37 +10,89 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import SpamloraError
+from .process import pid_alive
+
+
+class OutputExistsError(SpamloraError, FileExistsError):
+    pass
+
+
+def _temp_owner_alive(tmp: Path, prefix: str) -> bool:
+    """Whether the writer of temporary folder `tmp` (named `prefix<pid>-...`) still runs."""
+    pid = tmp.name[len(prefix):].split("-", 1)[0]
+    return pid.isdigit() and pid_alive(int(pid))
+
+
+def _replace_folder(tmp: Path, dest: Path, record: str | None) -> None:
+    """`tmp` onto `dest`: renamed where `dest` is absent or empty; where it holds a
+    previous output of ours (its `record` file), each of `tmp`'s files replaces its
+    namesake and the rest of `dest` is left alone; anything else is refused."""
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    if not dest.is_dir() or record is None or not (dest / record).is_file():
+        what = "a file" if not dest.is_dir() else "a folder spamlora did not write"
+        hint = f" (no {record} in it)" if record and dest.is_dir() else ""
+        raise OutputExistsError(f"{dest}: is {what}{hint}; nothing in it was changed. "
+                                f"Choose a new or empty folder.")
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == record)  # the record last
+    for file in files:
+        os.replace(file, dest / file.name)
+    tmp.rmdir()
+
 
 @contextlib.contextmanager
-def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(dest: str | Path, is_dir: bool = False,
+                record: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is renamed onto `dest`, on any
-    error it is removed, so readers never see a half-written output."""
-    dest = Path(dest)
+    error it is removed, so readers never see a half-written output.
+
+    A folder is never put in place of one the project did not write: `dest` may be
+    absent or empty, or (given `record`, the file a writer of `dest` always leaves in
+    it) a previous output, whose files of the same names are then replaced one by one;
+    anything else raises `OutputExistsError` and changes nothing."""
+    dest = Path(dest).absolute()  # `.` too has a name and a parent
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dest.name}.tmp-"
     if is_dir:
-        # A folder a killed writer left behind (it can hold GBs of weights): no writer of
-        # `dest` is running now, so none of these is anyone's work in progress.
+        # Folders killed writers left behind (they can hold GBs of weights); the pid in
+        # the name keeps a running writer's folder out of this.
         for stale in dest.parent.glob(prefix + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=prefix))
+            if stale.is_dir() and not _temp_owner_alive(stale, prefix):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{prefix}{os.getpid()}-"))
     else:
         fd, name = tempfile.mkstemp(dir=dest.parent, prefix=prefix)
         os.close(fd)
         tmp = Path(name)
     try:
         yield tmp
-        if not is_dir:
-            tmp.chmod(0o644)  # mkstemp's 0600 would hide outputs from other users
-        if is_dir and dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        # mkstemp's 0600 and mkdtemp's 0700 would hide outputs from other users.
+        tmp.chmod(_default_mode(0o777 if is_dir else 0o666))
+        if is_dir:
+            _replace_folder(tmp, dest, record)
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _default_mode(mode: int) -> int:
+    """`mode` less the process's umask, as a plain `open`/`mkdir` would create it."""
+    try:  # Linux says it without changing it
+        status = Path("/proc/self/status").read_text()
+        umask = int(status.split("Umask:", 1)[1].split()[0], 8)
+    except (OSError, IndexError, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return mode & ~umask
 
 
 def link_or_copy(src: str | Path, dest: str | Path) -> None:

@@ -134,9 +134,11 @@ def fetch_model(name: str, base_url: str, dest: str | Path, timeout: float, retr
     it loads. A file with a pinned `sha256` is taken from the local Hugging Face cache
     when it holds exactly that content, else downloaded and verified while it streams.
     `dest/download.json` records each file's source (URL or cache path), size, sha256
-    and whether it was checked; `dest` appears only when complete."""
+    and whether it was checked; `dest` appears only when complete. An existing `dest`
+    must be empty or a previous download (its download.json): then only the four files
+    and the record are replaced, and nothing else in it is touched."""
     record = {}
-    with atomic_path(dest, is_dir=True) as tmp:
+    with atomic_path(dest, is_dir=True, record=DOWNLOAD_RECORD) as tmp:
         for file in MODEL_FILES:
             want = (sha256 or {}).get(file)
             cached = find_in_hf_cache(name, file, revision, want) if want else None
