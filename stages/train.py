@@ -13,7 +13,6 @@ computation and gives bit-identical outputs. Step losses reach MLflow at each ch
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import time
 
@@ -23,7 +22,7 @@ import pandas as pd
 from spamlora import distributed, stage, tracking
 from spamlora.adapter import AdapterSpec, save_adapter
 from spamlora.batching import encode, truncate
-from spamlora.checkpoint import Checkpoints, computation_key, read_owner
+from spamlora.checkpoint import Checkpoints, computation_key, read_owner, stored
 from spamlora.classifier import build_classifier, format_summary, parameter_counts
 from spamlora.config import Params
 from spamlora.data import read_labelled_csv, write_csv
@@ -135,16 +134,17 @@ def checkpoint_key(params: Params, paths: Paths) -> str:
 def start_run(params: Params, paths: Paths, checkpoints: Checkpoints) -> str:
     """The MLflow run to train in: the one the newest valid checkpoint of this
     computation names (resumed), else a new one. Runs whose process is gone are marked
-    KILLED, with a note where their checkpoint no longer applies (and is removed)."""
+    KILLED, with a note naming their checkpoint where one is kept: other computations'
+    checkpoints are never removed here (`spamlora checkpoints prune` does that)."""
     checkpoints.check_writable()
     reasons = {}
-    for folder, owner in checkpoints.others():
-        if owner is not None and owner.alive():
-            continue  # another training, running now (a queue worker)
-        if owner is not None and owner.run_id:
-            reasons[owner.run_id] = ("its checkpoint no longer applies (params, data or "
-                                     "code changed since): removed, not resumed")
-        shutil.rmtree(folder, ignore_errors=True)
+    for entry in stored(checkpoints.root):
+        if entry.owner is not None and entry.owner.run_id and not entry.running:
+            reasons[entry.owner.run_id] = (
+                f"process {entry.owner.pid} on {entry.owner.host} ended without closing "
+                f"this run; its checkpoint ({entry.where()}) is kept in {entry.folder}: "
+                f"the same params, data and code resume it, `spamlora checkpoints prune` "
+                f"removes it")
     owner = read_owner(checkpoints.folder)
     if owner is not None and owner.alive() and owner.pid != os.getpid():
         raise SpamloraError(f"this training is running already (process {owner.pid} on "

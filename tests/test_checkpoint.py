@@ -101,3 +101,61 @@ def test_the_key_follows_params_and_the_content_of_dependencies(tmp_path):
     assert changed != key
     (tmp_path / "folder" / "a.bin").write_bytes(b"2")
     assert computation_key({"lora.rank": 8}, deps) != changed
+
+
+def test_prune_removes_only_stopped_and_old_never_running_or_starting(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Other computations' checkpoints are work a rerun resumes (issue 25, item 2):
+    they go only on request, by age, and never while their training runs or starts."""
+    import json
+    import os
+    import socket
+    import time
+
+    from spamlora.cli import main
+
+    now = time.time()
+    day = 86400
+
+    def folder(name, age_days, pid=None, host=None):
+        path = tmp_path / checkpoint.FOLDER / name
+        path.mkdir(parents=True)
+        (path / "step-000000007-epoch-0002.safetensors").write_bytes(b"x" * 1000)
+        if pid is not None:
+            (path / checkpoint.OWNER_FILE).write_text(json.dumps(
+                {"run_id": f"run-{name}", "host": host or socket.gethostname(), "pid": pid}))
+        for p in [*path.iterdir(), path]:
+            os.utime(p, (now - age_days * day, now - age_days * day))
+        return path
+
+    dead = 999_999_999  # above any pid Linux hands out
+    running = folder("running", 30, pid=os.getpid())
+    stopped_old = folder("stopped-old", 30, pid=dead)
+    stopped_new = folder("stopped-new", 0.5, pid=dead)
+    starting = folder("starting", 0.01)  # no owner.json yet: minutes old
+    abandoned = folder("abandoned", 3)  # no owner.json, days old
+    elsewhere = folder("elsewhere", 30, pid=dead, host="another-machine")
+
+    listed = {e.folder.name: e for e in checkpoint.stored(tmp_path)}
+    assert set(listed) == {"running", "stopped-old", "stopped-new", "starting", "abandoned",
+                           "elsewhere"}
+    assert listed["running"].running and not listed["stopped-old"].running
+    assert listed["stopped-old"].where() == "epoch 2, step 7"
+    assert listed["stopped-old"].bytes == 1000 + len((stopped_old / "owner.json").read_bytes())
+
+    would = checkpoint.prune(tmp_path, 2 * day, now, dry_run=True)
+    assert {e.folder.name for e in would} == {"stopped-old", "abandoned"}
+    assert stopped_old.exists() and abandoned.exists()
+    gone = checkpoint.prune(tmp_path, 0, now)
+    assert {e.folder.name for e in gone} == {"stopped-old", "stopped-new", "abandoned"}
+    for kept in (running, starting, elsewhere):
+        assert kept.is_dir()
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert main(["checkpoints", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{running}: running (process {os.getpid()}" in out and "epoch 2, step 7" in out
+    assert main(["checkpoints", "prune"]) == 1
+    assert "prune needs --older-than DAYS" in capsys.readouterr().err
+    assert main(["checkpoints", "prune", "--older-than", "0"]) == 0
+    assert "removed 0 checkpoint folder(s)" in capsys.readouterr().out

@@ -192,22 +192,33 @@ def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_resumes(
     assert outputs(ws) == reference("fp32")
 
 
-def test_a_param_change_after_a_kill_starts_afresh_and_marks_the_old_run(tmp_path,
-                                                                         tiny_gpt2):
+def test_another_computation_keeps_a_killed_ones_checkpoint_which_then_resumes(
+        tmp_path, tiny_gpt2, reference):
+    """A param change after a kill trains afresh, marks the old run KILLED with where
+    its checkpoint is kept, and leaves that checkpoint alone (issue 25, item 2): going
+    back to the old params resumes the old run and ends as if never stopped."""
     ws = new_workspace(tmp_path, tiny_gpt2)
     train_until(ws, a_random_step(), signal.SIGKILL)
     (killed,) = runs(ws)
-    old_folders = list((ws / FOLDER).iterdir())
+    (old_folder,) = (ws / FOLDER).iterdir()
+    old_files = sorted(p.name for p in old_folder.iterdir())
     write_params(ws, **{"lora.rank": 2})
     out = train(ws)
     assert "resuming" not in out
     by_id = {r.info.run_id: r for r in runs(ws)}
     assert len(by_id) == 2
     old = by_id[killed.info.run_id]
-    assert old.info.status == "KILLED" and "no longer applies" in old.data.tags[NOTE_TAG]
+    assert old.info.status == "KILLED"
+    assert f"is kept in {old_folder}" in old.data.tags[NOTE_TAG]
     (new,) = [r for r in by_id.values() if r.info.run_id != killed.info.run_id]
     assert new.info.status == "FINISHED" and new.data.params["lora.rank"] == "2"
-    assert not any(f.exists() for f in old_folders)
+    assert sorted(p.name for p in old_folder.iterdir()) == old_files
+    write_params(ws)
+    out = train(ws)
+    assert "resuming from" in out
+    resumed = {r.info.run_id: r for r in runs(ws)}[killed.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert outputs(ws) == reference("fp32")
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")

@@ -11,7 +11,10 @@ Checkpoints live outside DVC's outputs, under `<repo>/.spamlora/checkpoints/<key
 where the key hashes everything the result depends on (the train stage's params and the
 content of its dependencies, code included): a checkpoint is only ever resumed by the
 same computation. `owner.json` in each folder names the run and the process writing it,
-so a later start can tell a live training from one that was killed.
+so a later start can tell a live training from one that was killed. A computation's
+checkpoints are removed when it completes, and otherwise only on request
+(`spamlora checkpoints prune`): another computation's, even a killed one's, is work that
+rerunning it (a re-queued experiment, say) resumes.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class Checkpoints:
 
     def __init__(self, root: Path, key: str):
         self.key = key
+        self.root = root
         self.base = root / FOLDER
         self.folder = self.base / key
 
@@ -242,13 +246,63 @@ class Checkpoints:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def others(self) -> Iterator[tuple[Path, Owner | None]]:
-        """Checkpoint folders of other computations, with who wrote them."""
-        if not self.base.is_dir():
-            return
-        for folder in sorted(self.base.iterdir()):
-            if folder.is_dir() and folder.name != self.key:
-                yield folder, read_owner(folder)
+
+# A folder without owner.json is being created (its training is still starting its
+# MLflow run) for seconds, not hours: younger than this, prune leaves it alone.
+CLAIM_GRACE_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One computation's checkpoint folder, as `spamlora checkpoints list` shows it."""
+    folder: Path
+    owner: Owner | None
+    bytes: int
+    modified: float  # the newest file's mtime (the folder's own when empty)
+
+    @property
+    def running(self) -> bool:
+        return self.owner is not None and self.owner.alive()
+
+    def where(self) -> str:
+        """Where its newest checkpoint stands, from the file name alone (no hashing)."""
+        files = sorted(self.folder.glob("step-*.safetensors"), reverse=True)
+        if not files:
+            return "no checkpoint yet"
+        _, step, _, epoch = files[0].stem.split("-")
+        return f"epoch {int(epoch)}, step {int(step)}"
+
+
+def stored(root: Path) -> list[Stored]:
+    """Every computation's checkpoint folder under `root/.spamlora/checkpoints`."""
+    base = root / FOLDER
+    found = []
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        files = [p for p in folder.iterdir() if p.is_file()]
+        found.append(Stored(folder, read_owner(folder), sum(p.stat().st_size for p in files),
+                            max((p.stat().st_mtime for p in files),
+                                default=folder.stat().st_mtime)))
+    return found
+
+
+def prune(root: Path, older_than_seconds: float, now: float,
+          dry_run: bool = False) -> list[Stored]:
+    """Remove the checkpoint folders not written to for `older_than_seconds` whose
+    training is not running; never one whose writer runs (on another host: never), nor
+    one still being created (no owner.json, younger than CLAIM_GRACE_SECONDS). Returns
+    what was (or, with `dry_run`, would be) removed."""
+    removed = []
+    for entry in stored(root):
+        age = now - entry.modified
+        if entry.running or age < older_than_seconds or (
+                entry.owner is None and age < CLAIM_GRACE_SECONDS):
+            continue
+        if not dry_run:
+            shutil.rmtree(entry.folder)
+        removed.append(entry)
+    return removed
 
 
 def read_owner(folder: Path) -> Owner | None:

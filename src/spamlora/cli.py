@@ -1,4 +1,5 @@
-"""The `spamlora` command: summary, predict, promote, download-model, sweep-report."""
+"""The `spamlora` command: summary, predict, promote, download-model, checkpoints,
+sweep-report."""
 
 from __future__ import annotations
 
@@ -48,6 +49,36 @@ def _download_model(args: argparse.Namespace) -> None:
         check = "verified" if got["verified"] else "unchecked"
         print(f"{args.dest / name}: {got['bytes']:,} bytes, sha256 {got['sha256']} "
               f"({check}), from {got['source']}")
+
+
+def _checkpoints(args: argparse.Namespace) -> None:
+    import time
+
+    from .checkpoint import FOLDER, prune, stored
+    from .tracking import repo_root
+
+    root = repo_root()
+    now = time.time()
+    if args.action == "list":
+        entries = stored(root)
+        if not entries:
+            print(f"no checkpoints in {root / FOLDER}")
+        for e in entries:
+            state = (f"running (process {e.owner.pid} on {e.owner.host})" if e.running
+                     else "stopped")
+            run = e.owner.run_id if e.owner and e.owner.run_id else "(starting)"
+            print(f"{e.folder}: {state}, run {run}, {e.where()}, {e.bytes / 1e6:.1f} MB, "
+                  f"last written {(now - e.modified) / 3600:.1f} h ago")
+        return
+    if args.older_than is None or args.older_than < 0:
+        raise UsageError("prune needs --older-than DAYS (0 or more): checkpoints of "
+                         "computations not written to for that long are removed")
+    removed = prune(root, args.older_than * 86400, now, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in removed:
+        print(f"{verb} {e.folder} ({e.where()}, {e.bytes / 1e6:.1f} MB)")
+    print(f"{verb} {len(removed)} checkpoint folder(s); running trainings' are never "
+          f"touched")
 
 
 def _sweep_report(args: argparse.Namespace) -> None:
@@ -246,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=DownloadParams.timeout)
     d.add_argument("--retries", type=int, default=DownloadParams.retries)
     d.set_defaults(func=_download_model)
+
+    c = sub.add_parser("checkpoints", help="list or prune the checkpoints interrupted "
+                                           "trainings keep for their resume")
+    c.add_argument("action", choices=["list", "prune"])
+    c.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="prune: folders not written to for this many days (0: every "
+                        "stopped training's)")
+    c.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    c.set_defaults(func=_checkpoints)
 
     r = sub.add_parser("sweep-report", help="table and plot of test accuracy and trainable "
                                             "parameters against LoRA rank, from "
