@@ -22,7 +22,7 @@ def main(params: Params) -> None:
     run_id = tracking.continue_or_create_run(
         "evaluate", paths.metrics("train"), params.flat(), params.model.name,
         tracking.run_inputs("evaluate", params.data, paths), [paths.metrics("train")])
-    with tracking.active_run(run_id):
+    with tracking.active_run(run_id, "evaluate"):
         predictor = Predictor(paths.base_model, paths.adapter, params.train.device,
                               params.evaluate.precision, params.evaluate.batch_size)
         splits = {name: read_labelled_csv(paths.split(name)) for name in SPLITS}

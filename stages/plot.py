@@ -16,7 +16,7 @@ def main(params: Params) -> None:
         "plot", paths.metrics("eval"), params.flat(), params.model.name,
         tracking.run_inputs("plot", params.data, paths),
         [paths.metrics("train"), paths.metrics("eval")])
-    with tracking.active_run(run_id):
+    with tracking.active_run(run_id, "plot"):
         test = read_json(paths.metrics("eval"))["test"]
         figures = {
             "history": lambda p: plot_history(pd.read_csv(paths.plot_data("history")),

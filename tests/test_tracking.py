@@ -155,6 +155,55 @@ def test_an_evaluate_only_change_is_a_run_of_its_own_naming_the_training_run(wor
     assert third.data.tags[TRAINING_RUN_TAG] == first
 
 
+def test_a_later_stage_failing_never_marks_the_finished_training_failed(workspace,
+                                                                       monkeypatch):
+    """Evaluate failing on the training's run (issue 25, item 7): the run stays
+    FINISHED and promotable, the failure is a tag, and a rerun of evaluate continues
+    the same run and clears it. A later stage killed outright (its run left RUNNING)
+    is ended the same way by the next start."""
+    from spamlora import predictor
+    from spamlora.tracking import HOST_TAG, PID_TAG, end_stale_runs, stage_failed_tag
+
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"),
+        evaluate=dataclasses.replace(params.evaluate, precision="fp32"))
+    stage_main("train")(params)
+    run_id = read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY]
+
+    def broken(self, texts):
+        raise RuntimeError("out of memory, say")
+
+    with monkeypatch.context() as m:
+        m.setattr(predictor.Predictor, "logits", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            stage_main("evaluate")(params)
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[stage_failed_tag("evaluate")] == (
+        "failed: RuntimeError: out of memory, say")
+    assert run.data.tags[STAGES_TAG] == "train"
+    assert promote(run_id=run_id).version  # still promotable
+
+    stage_main("evaluate")(params)  # the rerun continues the training's run
+    assert read_json(Paths(workspace).metrics("eval"))[RUN_ID_KEY] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
+    assert stage_failed_tag("evaluate") not in run.data.tags
+
+    # plot killed outright while it had the run open: RUNNING, a dead pid
+    client.set_tag(run_id, STAGES_TAG, "train,evaluate,plot")
+    client.set_tag(run_id, PID_TAG, "999999999")
+    client.set_tag(run_id, HOST_TAG, __import__("socket").gethostname())
+    client.update_run(run_id, status="RUNNING")
+    assert end_stale_runs() == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[stage_failed_tag("plot")].startswith("stopped: process 999999999")
+    assert run.data.tags[STAGES_TAG] == "train,evaluate"
+
+
 def test_a_clone_without_the_training_run_still_evaluates(workspace, monkeypatch):
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(

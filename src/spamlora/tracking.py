@@ -200,7 +200,9 @@ def end_stale_runs(keep: set[str] = frozenset(), reasons: dict[str, str] | None 
                    ) -> list[str]:
     """Mark KILLED the RUNNING runs of this host whose process is gone (nothing else
     can mark a run after a SIGKILL), with a note; `reasons` gives a run a note of its
-    own, `keep` spares runs about to be resumed. The runs marked."""
+    own, `keep` spares runs about to be resumed. A run a later stage had reopened after
+    its first stages finished is ended FINISHED with that stage's failure tagged, as
+    `active_run` does. The runs ended."""
     from mlflow.entities import RunStatus
 
     client = _client()
@@ -215,6 +217,17 @@ def end_stale_runs(keep: set[str] = frozenset(), reasons: dict[str, str] | None 
             continue
         note = (reasons or {}).get(run_id) or (
             f"process {pid} on {host} ended without closing this run (killed?)")
+        stages = [s for s in run.data.tags.get(STAGES_TAG, "").split(",") if s]
+        if len(stages) > 1:
+            # A later stage reopened a run whose first stages had finished: that stage
+            # died, not they (as in `active_run`).
+            client.set_tag(run_id, stage_failed_tag(stages[-1]), f"stopped: {note}")
+            client.set_tag(run_id, STAGES_TAG, ",".join(stages[:-1]))
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+            print(f"MLflow run {run_id}: its {stages[-1]} stage ended without closing "
+                  f"it (killed?); the run stays FINISHED")
+            marked.append(run_id)
+            continue
         client.set_tag(run_id, NOTE_TAG, note)
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         print(f"MLflow run {run_id} marked KILLED: {note}")
@@ -344,16 +357,25 @@ def dependency_tags(stage: str, deps: list[Path]) -> dict[str, str]:
     return tags
 
 
+def stage_failed_tag(stage: str) -> str:
+    """The tag a run carries while `stage`'s last try on it failed (its message)."""
+    return f"spamlora.failed.{stage}"
+
+
 @contextlib.contextmanager
-def active_run(run_id: str) -> Iterator[object]:
+def active_run(run_id: str, stage: str = "train") -> Iterator[object]:
     """The run, active for `mlflow.log_*` and tagged with this process; ended FINISHED,
-    KILLED if the block was interrupted (Interrupted, KeyboardInterrupt), else
-    FAILED if it raised."""
+    KILLED if the block was interrupted (Interrupted, KeyboardInterrupt), else FAILED
+    if it raised. But a run that was FINISHED before `stage` reopened it (evaluate or
+    plot continuing a finished training) keeps that status when `stage` fails: what
+    finished did finish, and its model stays promotable. The failure is then recorded
+    in `stage_failed_tag(stage)`, and `stage` is taken off the run's stages so that
+    rerunning it continues the same run (a success removes the tag)."""
     import mlflow
 
     client = _client()
     try:
-        client.get_run(run_id)
+        before = client.get_run(run_id).info.status
     except mlflow.exceptions.MlflowException:
         raise SpamloraError(f"MLflow run {run_id} is not in the store {tracking_uri()} "
                            f"(was the store moved or deleted?)") from None
@@ -362,12 +384,19 @@ def active_run(run_id: str) -> Iterator[object]:
     run = mlflow.start_run(run_id=run_id)
     try:
         yield run
-    except (Interrupted, KeyboardInterrupt):
-        mlflow.end_run("KILLED")
+    except BaseException as e:
+        stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
+        if before != "FINISHED":
+            mlflow.end_run("KILLED" if stopped else "FAILED")
+            raise
+        what = "stopped" if stopped else f"failed: {type(e).__name__}: {e}"
+        client.set_tag(run_id, stage_failed_tag(stage), what[:1000])
+        stages = client.get_run(run_id).data.tags.get(STAGES_TAG, "").split(",")
+        client.set_tag(run_id, STAGES_TAG, ",".join(s for s in stages if s != stage))
+        mlflow.end_run("FINISHED")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
+    if stage_failed_tag(stage) in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, stage_failed_tag(stage))
     mlflow.end_run("FINISHED")
 
 
