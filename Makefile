@@ -46,7 +46,7 @@ bench-serve: $(VENV)/.dev
 # On CPU each worker gets its share of the cores (oversubscribed, they run ~10x slower).
 SWEEP_RANKS ?= 1,2,4,8,16
 SWEEP_SEEDS ?= 123,7
-SWEEP_INIT ?= textbook
+SWEEP_INIT ?= reference
 SWEEP_JOBS ?= 2
 SWEEP_THREADS ?= $(shell echo $$(( $$(nproc) / $(SWEEP_JOBS) > 0 ? $$(nproc) / $(SWEEP_JOBS) : 1 )))
 sweep: $(VENV)/.runtime

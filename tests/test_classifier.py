@@ -326,3 +326,18 @@ def test_a_base_with_other_weights_warns_or_with_strict_is_refused(tiny_gpt2, tr
     with pytest.raises(AdapterError, match=r"other/model\.safetensors has sha256 [0-9a-f]{64}"
                                            r", but .* was trained on"):
         load_classifier(other, tmp_path / "a.safetensors", strict=True)
+
+
+def test_an_adapter_from_before_init_was_recorded_reads_as_textbook(trained_like, tmp_path):
+    """Those were all trained with the textbook init: the record stays true."""
+    import json
+
+    path = tmp_path / "a.safetensors"
+    spec = tiny_spec(trained_like)
+    save_adapter(trained_like, spec, path)
+    meta = json.loads(spec.to_metadata()["spamlora"])
+    del meta["spec"]["init"]
+    save_file(load_file(path), tmp_path / "old.safetensors",
+              metadata={"spamlora": json.dumps(meta)})
+    assert spec.init == "reference"
+    assert read_adapter(tmp_path / "old.safetensors")[0].init == "textbook"

@@ -79,3 +79,13 @@ def test_file_errors(tmp_path):
     (tmp_path / "params.yaml").write_text("data: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_lora_init_defaults_to_the_reference_initialisation():
+    """Decided (issue 24): a rank experiment compares capacity, not step size."""
+    from spamlora.config import LoRAParams
+    from spamlora.lora import LoRALayer
+
+    assert load_params(REPO / "params.yaml").lora.init == "reference"
+    assert LoRAParams().init == "reference"
+    assert LoRALayer(768, 768, 2, alpha=8).A.abs().max() <= 1 / 768 ** 0.5

@@ -171,8 +171,8 @@ def test_projecting_together_keeps_dropout_and_merged_layers_exact():
 @pytest.mark.parametrize("rank", [2, 8])
 def test_textbook_and_reference_initialisation_of_a(rank):
     torch.manual_seed(0)
-    textbook = LoRALayer(768, 768, rank, alpha=8)
-    reference = LoRALayer(768, 768, rank, alpha=8, init="reference")
+    textbook = LoRALayer(768, 768, rank, alpha=8, init="textbook")
+    reference = LoRALayer(768, 768, rank, alpha=8)  # the default
     # Kaiming-uniform with a = sqrt(5) draws from ±1/sqrt(fan_in).
     assert textbook.A.abs().max() <= 1 / rank ** 0.5
     assert textbook.A.abs().max() > 0.9 / rank ** 0.5  # fan-in r: the textbook's scale

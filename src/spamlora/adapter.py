@@ -43,7 +43,7 @@ class AdapterSpec:
     num_classes: int = 2
     max_length: int = 1024
     pad_id: int = 50256
-    init: str = "textbook"
+    init: str = "reference"
     # sha256 of the base model's files it was trained on (config.json, model.safetensors)
     base_sha256: dict[str, str] | None = None
 
@@ -108,7 +108,8 @@ class AdapterSpec:
             raise AdapterError(f"{source}: not a spamlora adapter (no {ADAPTER_FORMAT!r} "
                                f"metadata)")
         try:
-            d = dict(stored["spec"])
+            # Adapters written before `init` was recorded were all trained `textbook`.
+            d = {"init": "textbook", **stored["spec"]}
             d["base_config"] = GPTConfig(**d["base_config"])
             d["targets"] = tuple(d["targets"])
             spec = cls(**d)

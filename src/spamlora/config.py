@@ -111,7 +111,7 @@ class LoRAParams:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    init: str = "textbook"  # how A starts: textbook (fan-in r) | reference (fan-in in_dim)
+    init: str = "reference"  # how A starts: reference (fan-in in_dim) | textbook (fan-in r)
 
     def check(self, err) -> None:
         err(self.rank >= 1, "rank", "must be >= 1")

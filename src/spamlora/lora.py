@@ -7,12 +7,13 @@ training starts from the pretrained model exactly; ``alpha / r`` scales the upda
 that changing ``r`` needs little retuning of the learning rate (section 4.1). ``A`` starts
 Kaiming-uniform, in one of two ways (`INITS`):
 
-- ``textbook`` (the default, for fidelity to the seed): as LLMs-from-scratch does, on ``A``
-  stored (in_dim, r), so the fan-in torch sees is ``r``: entries uniform in
-  ``±1/sqrt(r)``, ~10x larger than the reference at r = 8 for GPT-2 124M, and growing as
-  ``r`` shrinks: with alpha fixed, a smaller rank then also changes the step size.
-- ``reference``: as Hu et al.'s reference code (loralib) and PEFT, fan-in = in_dim:
-  entries uniform in ``±1/sqrt(in_dim)``, whatever the rank.
+- ``reference`` (the default): as Hu et al.'s reference code (loralib) and PEFT,
+  fan-in = in_dim: entries uniform in ``±1/sqrt(in_dim)``, whatever the rank, so a rank
+  experiment compares capacity, not step size.
+- ``textbook``: as LLMs-from-scratch does, on ``A`` stored (in_dim, r), so the fan-in
+  torch sees is ``r``: entries uniform in ``±1/sqrt(r)``, ~10x larger than the reference
+  at r = 8 for GPT-2 124M, and growing as ``r`` shrinks: with alpha fixed, a smaller
+  rank then also changes the step size. Kept for the book's exact LoRA.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class LoRALayer(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float,
-                 dropout: float = 0.0, init: str = "textbook"):
+                 dropout: float = 0.0, init: str = "reference"):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -81,7 +82,7 @@ class LinearWithLoRA(nn.Module):
     Linear's weight for inference; `unmerge()` takes it out again."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 init: str = "textbook"):
+                 init: str = "reference"):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout,
@@ -142,7 +143,7 @@ class LinearWithLoRA(nn.Module):
 
 def replace_linear_with_lora(model: GPTModel, rank: int, alpha: float,
                              targets: list[str] | tuple[str, ...] = tuple(TARGET_MODULES),
-                             dropout: float = 0.0, init: str = "textbook") -> GPTModel:
+                             dropout: float = 0.0, init: str = "reference") -> GPTModel:
     """Wrap the chosen Linears of every transformer block in `LinearWithLoRA`, in place.
     The default targets are all six (Q, K, V, attention output, both MLP layers); the
     output head is never adapted. `init`: how each ``A`` starts (`LoRALayer`)."""
