@@ -145,8 +145,9 @@ def test_prune_removes_only_stopped_and_old_never_running_or_starting(tmp_path, 
 
     would = checkpoint.prune(tmp_path, 2 * day, now, dry_run=True)
     assert {e.folder.name for e in would} == {"stopped-old", "abandoned"}
-    assert stopped_old.exists() and abandoned.exists()
+    assert stopped_old.exists() and abandoned.exists() and stopped_new.exists()
     gone = checkpoint.prune(tmp_path, 0, now)
+    assert not stopped_new.exists()
     assert {e.folder.name for e in gone} == {"stopped-old", "stopped-new", "abandoned"}
     for kept in (running, starting, elsewhere):
         assert kept.is_dir()
