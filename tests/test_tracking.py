@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -362,3 +363,36 @@ def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(worksp
         assert time.monotonic() < deadline, f"still running: {group_alive}"
         time.sleep(0.5)
     assert not Paths(workspace).adapter.exists()
+
+
+def test_folder_dependencies_are_hashed_as_dvc_does_from_what_is_read_now(tmp_path,
+                                                                           monkeypatch):
+    """dvc.dep.<folder> tags came from dvc.lock, written before the stage ran (the last
+    run's hash; a queued experiment's, another workspace's): issue 25, item 6."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    from spamlora.tracking import dependency_tags, dir_md5
+
+    folder = tmp_path / "data" / "train"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "adapter.safetensors").write_bytes(b"\x00\x01weights")
+    (folder / "sub" / "b.txt").write_text("b")
+    (folder / "a b.json").write_text("{}")
+    tree = Tree()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            tree.add(path.relative_to(folder).parts, Meta(),
+                     HashInfo("md5", file_md5(path)))
+    tree.digest()
+    assert dir_md5(folder) == tree.hash_info.value  # DVC's own computation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"evaluate": {"deps": [
+        {"path": "data/train", "md5": "0" * 32 + ".dir"}]}}}))
+    before = dependency_tags([Path("data/train")])["dvc.dep.data/train"]
+    (folder / "adapter.safetensors").write_bytes(b"other weights")
+    after = dependency_tags([Path("data/train")])["dvc.dep.data/train"]
+    assert before != after and "0" * 32 not in before + after
+    assert after == dir_md5(Path("data/train"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -167,7 +168,7 @@ def create_run(stage: str, params: dict[str, object], model_name: str,
     run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
                             tags={"model.name": model_name, STAGES_TAG: stage,
                                   **process_tags(), **version_tags(stage, Path.cwd()),
-                                  **dependency_tags(stage, inputs.deps), **(tags or {})})
+                                  **dependency_tags(inputs.deps), **(tags or {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
                                               for k, v in params.items()])
     _log_datasets(client, run.info.run_id, inputs.splits, inputs.source)
@@ -338,22 +339,26 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dependency_tags(stage: str, deps: list[Path]) -> dict[str, str]:
-    """The md5 of each data dependency as DVC hashes it: files hashed here, folders as
-    dvc.lock records them (absent before DVC has written it)."""
-    locked = {}
-    try:
-        import yaml
+def dir_md5(folder: Path) -> str:
+    """DVC 3's hash of a folder (dvc-data's `Tree.digest`): the md5 of the JSON list of
+    its files' md5 and relative paths, sorted by path, with ".dir" appended."""
+    entries = sorted(({"md5": file_md5(p), "relpath": p.relative_to(folder).as_posix()}
+                      for p in folder.rglob("*") if p.is_file()),
+                     key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
 
-        lock = yaml.safe_load((repo_root() / "dvc.lock").read_text(encoding="utf-8"))
-        locked = {d["path"]: d.get("md5") for d in lock["stages"][stage]["deps"]}
-    except (OSError, KeyError, TypeError, ValueError):
-        pass
+
+def dependency_tags(deps: list[Path]) -> dict[str, str]:
+    """The md5 of each data dependency as DVC hashes it, of the content the stage reads
+    now (dvc.lock would name the previous run's, or for a queued experiment another
+    workspace's)."""
     tags = {}
     for dep in deps:
-        value = file_md5(dep) if dep.is_file() else locked.get(dep.as_posix())
-        if value:
-            tags[f"dvc.dep.{dep.as_posix()}"] = value
+        if dep.is_file():
+            tags[f"dvc.dep.{dep.as_posix()}"] = file_md5(dep)
+        elif dep.is_dir():
+            tags[f"dvc.dep.{dep.as_posix()}"] = dir_md5(dep)
     return tags
 
 
