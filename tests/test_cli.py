@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,31 @@ def test_predictions_equal_the_evaluate_stage(workspace, capsys):  # noqa: F811
     np.testing.assert_allclose(got["spam_probability"], want["spam_probability"],
                                atol=1e-6, rtol=0)
     assert (got["label"] == np.where(want["predicted"] == 1, "spam", "ham")).all()
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd")
+def test_a_pipe_is_read_once_and_an_excel_bom_is_dropped(capsys, adapter, tiny_gpt2,
+                                                         tmp_path):
+    """--file on a pipe (`<(...)`, /dev/stdin, a FIFO) gave "no messages given": it was
+    read twice (issue 25, item 14). Excel's "CSV UTF-8" starts with a BOM, which hid the
+    header's first column."""
+    read_end, write_end = os.pipe()  # what `<(printf ...)` hands a command
+    os.write(write_end, b"see you at lunch\nWIN now\n")
+    os.close(write_end)
+    try:
+        code, out, err = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                                 f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert code == 0, err
+    assert [json.loads(x)["text"] for x in out.splitlines()] == ["see you at lunch",
+                                                                 "WIN now"]
+    (tmp_path / "excel.csv").write_bytes("\ufefftext,id\nhello there,1\n".encode())
+    code, out, err = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                             str(tmp_path / "excel.csv"), "--text-column", "text")
+    assert code == 0, err
+    assert [json.loads(x)["text"] for x in out.splitlines()] == ["hello there"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\n".encode())
+    _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
+                        str(tmp_path / "bom.txt"))
+    assert json.loads(out)["text"] == "hello"

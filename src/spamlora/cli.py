@@ -8,6 +8,8 @@ import csv
 import io
 import itertools
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -101,13 +103,22 @@ CHUNK_MESSAGES = 1024  # scored, then written, at a time: memory bounded by this
 
 def _open_text(path: str):
     """A text stream that ends lines at "\n" only (a "\r" before it is dropped later):
-    str.splitlines would also split messages at \x0c, \x85 or \u2028."""
+    str.splitlines would also split messages at \x0c, \x85 or \u2028. A leading BOM
+    (Excel's "CSV UTF-8") is dropped."""
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="\n")
     try:
-        return open(path, encoding="utf-8", newline="\n")
+        return open(path, encoding="utf-8-sig", newline="\n")
     except FileNotFoundError:
         raise UsageError(f"{path}: not found") from None
+
+
+def _can_read_twice(path: str) -> bool:
+    """A regular file; not a pipe, `<(...)` or /dev/stdin, which give their lines once."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _messages(handle, name: str, text_column: str | None) -> Iterator[tuple[str, str]]:
@@ -144,16 +155,17 @@ def _checked(messages: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
 
 
 def _read_messages(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """The messages and where each came from, read lazily. A file is checked whole
-    first (empty messages, short CSV rows, bad UTF-8), so a bad line stops the command
-    before it prints anything; stdin can be read once only and is checked as it goes."""
+    """The messages and where each came from, read lazily. A regular file is checked
+    whole first (empty messages, short CSV rows, bad UTF-8), so a bad line stops the
+    command before it prints anything; stdin, a pipe or `<(...)` can be read once only
+    and is checked as it goes."""
     if args.file and args.texts:
         raise UsageError("give messages as arguments or with --file, not both")
     source = args.file or ("-" if args.texts == ["-"] else None)
     if source is None:
         return _checked((text, f"argument {i}") for i, text in enumerate(args.texts, 1))
     name = "<stdin>" if source == "-" else source
-    if source != "-":
+    if source != "-" and _can_read_twice(source):
         with _open_text(source) as handle:
             for _ in _checked(_messages(handle, name, args.text_column)):
                 pass
