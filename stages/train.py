@@ -60,6 +60,9 @@ def main(params: Params) -> None:
         max_length = min(tp.max_length or longest, base.cfg.context_length)
         train_ids, cut = truncate(train_ids, max_length)
         val_ids, val_cut = encode(tokenizer, val_df["text"].tolist(), max_length)
+        if tp.batch_size > len(train_ids) and main_process:
+            print(f"warning: train.batch_size ({tp.batch_size}) is larger than the training "
+                  f"split ({len(train_ids)} messages): every epoch is a single step")
         if (cut or val_cut) and main_process:
             print(f"warning: {len(cut)} training and {len(val_cut)} validation messages "
                   f"truncated to {max_length} tokens")

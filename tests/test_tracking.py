@@ -205,6 +205,16 @@ def test_a_later_stage_failing_never_marks_the_finished_training_failed(workspac
     assert run.data.tags[STAGES_TAG] == "train,evaluate"
 
 
+def test_a_batch_larger_than_the_training_split_is_said(workspace, capsys):
+    """Accepted silently before, one step an epoch (issue 31, item 13)."""
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, epochs=1, batch_size=64, precision="fp32"))
+    stage_main("train")(params)
+    assert ("warning: train.batch_size (64) is larger than the training split (50 "
+            "messages): every epoch is a single step") in capsys.readouterr().out
+
+
 def test_a_clone_without_the_training_run_still_evaluates(workspace, monkeypatch):
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(

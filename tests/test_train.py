@@ -139,3 +139,26 @@ def test_an_interrupted_training_resumes_bit_exactly(tiny_gpt2, tmp_path, dtype,
     assert resumed == straight
     assert (tmp_path / "resumed.safetensors").read_bytes() == (
         tmp_path / "straight.safetensors").read_bytes()
+
+
+def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gpt2, capsys,
+                                                                         monkeypatch):
+    """dvc queue logs, CI and redirected runs saw nothing for the whole training (issue
+    25, item 20): one line per epoch, and a progress line every PROGRESS_SECONDS."""
+    from spamlora import train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 0.0)  # every step, for the test
+    history, _ = run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=2))
+    out = capsys.readouterr().out  # not a terminal: the bar is off
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ") and
+              "validation loss" in line]
+    assert len(epochs) == 2
+    last = history.epochs[-1]
+    assert epochs[1] == (f"epoch 2/2: train loss {last.train_loss:.4f}, accuracy "
+                         f"{last.train_accuracy:.4f}; validation loss {last.val_loss:.4f}, "
+                         f"accuracy {last.val_accuracy:.4f}")
+    progress = [line for line in out.splitlines() if "examples/s" in line]
+    assert len(progress) == 2 * 8 and progress[0].startswith("epoch 1/2, step 1/8: loss ")
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 3600.0)
+    run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=1))
+    assert "examples/s" not in capsys.readouterr().out

@@ -39,6 +39,28 @@ class EpochRecord:
     examples_seen: int
 
 
+# Off a terminal (dvc queue logs, CI, a redirected run) the progress bar is off: a line
+# this often instead, so a long epoch is not silence.
+PROGRESS_SECONDS = 30.0
+
+
+class Progress:
+    """Every PROGRESS_SECONDS a line with where training stands, its running loss and
+    its speed; nothing when `enabled` is false (a terminal has the bar)."""
+
+    def __init__(self, enabled: bool, seen: int):
+        self.enabled = enabled
+        self.last, self.last_seen = time.monotonic(), seen
+
+    def step(self, where: str, loss: float, seen: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < PROGRESS_SECONDS:
+            return
+        rate = (seen - self.last_seen) / max(now - self.last, 1e-9)
+        print(f"{where}: loss {loss:.4f}, {rate:.1f} examples/s", flush=True)
+        self.last, self.last_seen = now, seen
+
+
 @dataclass
 class History:
     epochs: list[EpochRecord] = field(default_factory=list)
@@ -142,6 +164,7 @@ def train_classifier(
                                     else (0.0, 0.0, 0))
         bar = tqdm(order[skip:], desc=f"epoch {epoch}/{params.epochs}", initial=skip,
                    total=len(order), disable=None if rank == 0 else True)
+        progress = Progress(rank == 0 and bar.disable, seen)
         for batch_number, index in enumerate(bar, start=skip + 1):
             # A process whose share is empty (a last batch smaller than the world) still
             # runs a zero-weighted example: DDP needs every process in every step.
@@ -174,6 +197,8 @@ def train_classifier(
             history.step_epochs.append(epoch)
             history.step_examples.append(seen)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+            progress.step(f"epoch {epoch}/{params.epochs}, step {batch_number}/{len(order)}",
+                          loss_sum / count, seen)
             if on_step:
                 on_step(step, batch_loss_sum / len(index))
             if stops:
@@ -185,6 +210,10 @@ def train_classifier(
         val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
         record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
         history.epochs.append(record)
+        if rank == 0:
+            print(f"epoch {epoch}/{params.epochs}: train loss {record.train_loss:.4f}, "
+                  f"accuracy {record.train_accuracy:.4f}; validation loss {val_loss:.4f}, "
+                  f"accuracy {val_acc:.4f}", flush=True)
         if on_epoch:
             on_epoch(record)
         # Also after the last: stopped while writing its outputs, the stage resumes here.
