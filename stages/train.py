@@ -31,6 +31,7 @@ from spamlora.fileio import write_json
 from spamlora.mlflow_model import BaseReference, log_model
 from spamlora.paths import Paths
 from spamlora.precision import resolve_device, resolve_precision, run_facts
+from spamlora.process import stop_signals
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
 from spamlora.weights import base_fingerprint, load_gpt2
@@ -39,7 +40,7 @@ from spamlora.weights import base_fingerprint, load_gpt2
 def main(params: Params) -> None:
     paths, tp = Paths(), params.train
     if tp.nproc > 1 and not distributed.under_torchrun():
-        if status := distributed.relaunch(__file__, tp.nproc):
+        if status := distributed.relaunch(__file__, tp.nproc):  # Interrupted if stopped
             raise SpamloraError(f"training in {tp.nproc} processes failed (exit {status})")
         return
     device = resolve_device(tp.device)
@@ -165,13 +166,12 @@ def start_run(params: Params, paths: Paths, checkpoints: Checkpoints) -> str:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM during training: the first asks the loop to stop after its
-    current step, with a checkpoint; a second stops at once."""
+    """A stop signal during training (Ctrl-C, SIGTERM, SIGHUP, SIGBREAK): the first asks
+    the loop to stop after its current step, with a checkpoint; a second stops at once."""
 
     def __init__(self):
         self.signals = 0
-        self.previous = {s: signal.signal(s, self.handle)
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in stop_signals()}
 
     def handle(self, signum, frame):
         self.signals += 1

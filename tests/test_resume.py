@@ -170,11 +170,13 @@ def test_sigkill_then_rerun_resumes_the_same_run_bit_exactly(tmp_path, tiny_gpt2
     assert not any((ws / FOLDER).iterdir())  # checkpoints are gone once it completed
 
 
-def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_resumes(
-        tmp_path, tiny_gpt2, reference):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_stops_with_a_checkpoint_marks_the_run_killed_and_resumes(
+        tmp_path, tiny_gpt2, reference, signum):
+    """SIGHUP: a closed terminal or ssh session (issue 31, item 9), as SIGTERM."""
     ws = new_workspace(tmp_path, tiny_gpt2)
     step = a_random_step()
-    code, out = train_until(ws, step, signal.SIGTERM)
+    code, out = train_until(ws, step, signum)
     assert code == 130, out[-3000:]
     assert "stopping after this step" in out
     (stopped,) = runs(ws)

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from spamlora import precision
+from spamlora.checkpoint import FOLDER
 from spamlora.config import load_params
 from spamlora.errors import SpamloraError
 from spamlora.fileio import read_json
@@ -367,7 +368,12 @@ def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(worksp
     members = group()
     assert len(members) >= 3, members  # torchrun and two workers
     stage.send_signal(signal.SIGTERM)
-    assert stage.wait(timeout=60) != 0
+    assert stage.wait(timeout=60) == 130, stage.stdout.read()[-3000:]  # as one process
+    assert "training in 2 processes stopped by SIGTERM" in stage.stdout.read()
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "KILLED"
+    assert list((workspace / FOLDER).glob("*/step-*.sha256"))  # resumable
     deadline = time.monotonic() + 30
     while group_alive := [p for p in members if os.path.exists(f"/proc/{p}")]:
         assert time.monotonic() < deadline, f"still running: {group_alive}"

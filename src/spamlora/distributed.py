@@ -15,6 +15,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .errors import Interrupted
+from .process import stop_signals
+
 
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -23,10 +26,12 @@ def under_torchrun() -> bool:
 def relaunch(script: str, nproc: int) -> int:
     """Run `script` in `nproc` processes on this machine; their exit status.
 
-    torchrun and its workers get a process group of their own, and a SIGINT or SIGTERM
-    to this process is passed on to the whole group, so stopping the stage stops them
-    all (they would otherwise keep training, orphaned, holding memory and cores). On
-    Windows the group is a console process group, reached with CTRL_BREAK_EVENT."""
+    torchrun and its workers get a process group of their own, and a stop signal to
+    this process (`process.stop_signals`) is passed on to the whole group, so stopping
+    the stage stops them all (they would otherwise keep training, orphaned, holding
+    memory and cores); then this raises `Interrupted` (the stage exits 130, as a
+    single-process one does) once they have saved and ended. On Windows the group is a
+    console process group, reached with CTRL_BREAK_EVENT."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", script]
     if os.name == "posix":
@@ -34,7 +39,10 @@ def relaunch(script: str, nproc: int) -> int:
     else:
         proc = subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
 
+    stopped = []
+
     def forward(signum, frame):
+        stopped.append(signal.Signals(signum).name)
         if proc.poll() is not None:
             return
         if os.name == "posix":
@@ -42,13 +50,16 @@ def relaunch(script: str, nproc: int) -> int:
         else:
             proc.send_signal(signal.CTRL_BREAK_EVENT)
 
-    handled = [signal.SIGINT, signal.SIGTERM]
-    previous = {signum: signal.signal(signum, forward) for signum in handled}
+    previous = {signum: signal.signal(signum, forward) for signum in stop_signals()}
     try:
-        return proc.wait()
+        status = proc.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if stopped:
+        raise Interrupted(f"training in {nproc} processes stopped by {stopped[0]} (exit "
+                          f"{status}); rerun to resume from its checkpoint")
+    return status
 
 
 def backend(device: torch.device) -> str:

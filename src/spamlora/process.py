@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that ask a stage to stop, each as SIGTERM does (a checkpoint, the
+    run ended KILLED, exit 130): Ctrl-C, SIGTERM, a closed terminal or ssh session
+    (SIGHUP, POSIX) and Ctrl-Break or CTRL_BREAK_EVENT (SIGBREAK, Windows: how a
+    multi-process training's console group is stopped there)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
 
 
 def pid_alive(pid: int) -> bool:

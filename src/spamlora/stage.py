@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from .config import Params, load_params
 from .errors import Interrupted, SpamloraError
+from .process import stop_signals
 
 PARAMS_FILE = "params.yaml"
 INTERRUPTED_STATUS = 130  # as a shell reports a command stopped by Ctrl-C
@@ -20,12 +21,12 @@ def _interrupt(signum, frame):
 
 def run(main: Callable[[Params], None], params_file: str = PARAMS_FILE) -> None:
     """Validate `params_file` before any work, then run `main(params)`; a
-    `SpamloraError` ends the stage with its message and exit status 1. SIGTERM stops it
-    as Ctrl-C does (an exception, so its MLflow run is ended as KILLED and no output is
-    left half-written), with status 130."""
+    `SpamloraError` ends the stage with its message and exit status 1. SIGTERM (and
+    SIGHUP, SIGBREAK: `stop_signals`) stops it as Ctrl-C does (an exception, so its
+    MLflow run is ended as KILLED and no output is left half-written), with status 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)  # also where a background shell ignored it
+    for signum in stop_signals():  # SIGINT too where a background shell ignored it
+        signal.signal(signum, _interrupt)
     try:
         main(load_params(params_file))
     except KeyboardInterrupt:
