@@ -412,3 +412,38 @@ def test_folder_dependencies_are_hashed_as_dvc_does_from_what_is_read_now(tmp_pa
     after = dependency_tags([Path("data/train")])["dvc.dep.data/train"]
     assert before != after and "0" * 32 not in before + after
     assert after == dir_md5(Path("data/train"))
+
+
+def test_a_server_that_answers_at_all_is_reachable_and_passwords_are_never_printed():
+    """A proxy answering /health with 401 and user:password@ URLs are what MLflow's
+    client accepts; they were refused, and the refusal printed the password (issue 25,
+    item 10)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from spamlora.tracking import check_reachable, redacted
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        check_reachable(f"http://127.0.0.1:{port}")
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    dead = free_port()
+    with pytest.raises(SpamloraError, match="is not reachable") as e:
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{dead}", timeout=2)
+    assert "s3cret" not in str(e.value) and f"alice:***@127.0.0.1:{dead}" in str(e.value)
+    assert redacted("https://bob:pw@host/x") == "https://bob:***@host/x"
+    assert redacted("http://host:5000") == "http://host:5000"

@@ -110,19 +110,36 @@ def _experiment_id(client, root: Path, default_store: bool) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
+def redacted(uri: str) -> str:
+    """`uri` with any password replaced by ***, for messages."""
+    parts = urlparse(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail at once with a clear message if a tracking server does not answer: MLflow's
-    own client would retry for minutes, or the stage would fail after the training."""
-    if urlparse(uri).scheme not in ("http", "https"):
+    own client would retry for minutes, or the stage would fail after the training. Any
+    HTTP answer counts (a proxy's 401 means a server is there; MLflow's client brings
+    the credentials), and user:password@ in the URL is left to that client, never
+    printed."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https"):
         return
+    netloc = parts.netloc.rpartition("@")[2]
+    probe = parts._replace(netloc=netloc).geturl().rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(probe, timeout=timeout):
             pass
+    except urllib.error.HTTPError:
+        return  # it answered
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise SpamloraError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not "
-                            f"reachable: {reason}. Start it, or unset MLFLOW_TRACKING_URI "
-                            f"to use the local store mlflow.db.") from None
+        raise SpamloraError(f"MLflow tracking server {redacted(uri)} (MLFLOW_TRACKING_URI) "
+                            f"is not reachable: {reason}. Start it, or unset "
+                            f"MLFLOW_TRACKING_URI to use the local store mlflow.db.") from None
 
 
 def connect():
@@ -382,8 +399,9 @@ def active_run(run_id: str, stage: str = "train") -> Iterator[object]:
     try:
         before = client.get_run(run_id).info.status
     except mlflow.exceptions.MlflowException:
-        raise SpamloraError(f"MLflow run {run_id} is not in the store {tracking_uri()} "
-                           f"(was the store moved or deleted?)") from None
+        raise SpamloraError(f"MLflow run {run_id} is not in the store "
+                            f"{redacted(tracking_uri())} (was the store moved or deleted?)"
+                            ) from None
     for tag, value in process_tags().items():
         client.set_tag(run_id, tag, value)
     run = mlflow.start_run(run_id=run_id)
