@@ -160,3 +160,33 @@ def test_prune_removes_only_stopped_and_old_never_running_or_starting(tmp_path, 
     assert "prune needs --older-than DAYS" in capsys.readouterr().err
     assert main(["checkpoints", "prune", "--older-than", "0"]) == 0
     assert "removed 0 checkpoint folder(s)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/stat").is_file(),
+                    reason="needs Linux /proc")
+def test_a_reused_pid_is_not_the_process_that_wrote_the_record():
+    """A pid handed out again (containers do it quickly) blocked resume with "running
+    already" (issue 25, item 13): the start time tells the two processes apart."""
+    import socket
+    import subprocess
+    import sys
+
+    from spamlora.checkpoint import Owner
+    from spamlora.process import pid_alive, start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        started = start_time(child.pid)
+        assert started is not None and started == start_time(child.pid)
+        assert pid_alive(child.pid, started) and pid_alive(child.pid)
+        later = str(int(started) + 1)  # the same pid, a process started after it
+        assert not pid_alive(child.pid, later)
+        assert not Owner("run", host, child.pid, later).alive()
+        assert Owner("run", host, child.pid, started).alive()
+        assert Owner("run", host, child.pid).alive()  # an older owner.json: pid only
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_alive(child.pid, started)
+    assert Owner.me("run").started == start_time(__import__("os").getpid())

@@ -164,7 +164,13 @@ def test_a_later_stage_failing_never_marks_the_finished_training_failed(workspac
     the same run and clears it. A later stage killed outright (its run left RUNNING)
     is ended the same way by the next start."""
     from spamlora import predictor
-    from spamlora.tracking import HOST_TAG, PID_TAG, end_stale_runs, stage_failed_tag
+    from spamlora.tracking import (
+        HOST_TAG,
+        PID_TAG,
+        STARTED_TAG,
+        end_stale_runs,
+        stage_failed_tag,
+    )
 
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(
@@ -204,6 +210,13 @@ def test_a_later_stage_failing_never_marks_the_finished_training_failed(workspac
     assert run.info.status == "FINISHED"
     assert run.data.tags[stage_failed_tag("plot")].startswith("stopped: process 999999999")
     assert run.data.tags[STAGES_TAG] == "train,evaluate"
+
+    # the pid of the process that had it open now belongs to another (this one): reused
+    client.set_tag(run_id, STAGES_TAG, "train,evaluate,plot")
+    client.set_tag(run_id, PID_TAG, str(os.getpid()))
+    client.set_tag(run_id, STARTED_TAG, "0")
+    client.update_run(run_id, status="RUNNING")
+    assert end_stale_runs() == [run_id]
 
 
 def test_a_batch_larger_than_the_training_split_is_said(workspace, capsys):

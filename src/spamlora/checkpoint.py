@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from .errors import SpamloraError
 from .fileio import atomic_path, read_json, write_json
 from .hub import file_sha256
-from .process import pid_alive
+from .process import pid_alive, start_time
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,18 @@ class Owner:
     run_id: str | None
     host: str
     pid: int
+    started: str | None = None  # process.start_time (absent in older owner.json files)
 
     @classmethod
     def me(cls, run_id: str | None) -> Owner:
-        return cls(run_id, socket.gethostname(), os.getpid())
+        return cls(run_id, socket.gethostname(), os.getpid(), start_time(os.getpid()))
 
     def alive(self) -> bool:
-        """Whether the process that wrote this still runs (only knowable on its host)."""
+        """Whether the process that wrote this still runs (only knowable on its host);
+        a reused pid of a process started later is not it."""
         if self.host != socket.gethostname():
             return True  # another machine's: not ours to judge
-        return pid_alive(self.pid)
+        return pid_alive(self.pid, self.started)
 
 
 def _generator_states(order_state: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from .config import DataParams
 from .errors import Interrupted, SpamloraError
 from .fileio import read_json
 from .paths import SPLITS, Paths
-from .process import pid_alive
+from .process import pid_alive, start_time
 
 EXPERIMENT = "spamlora"
 STORE_FILE = "mlflow.db"
@@ -48,6 +48,7 @@ STAGES_TAG = "spamlora.stages"  # the stages that logged into a run, comma-separ
 # The process logging into a run: a RUNNING run of this host whose process is gone was
 # killed (SIGKILL, power cut) and is marked so by the next stage that starts.
 HOST_TAG, PID_TAG, NOTE_TAG = "spamlora.host", "spamlora.pid", "spamlora.note"
+STARTED_TAG = "spamlora.pid_started"  # process.start_time: tells a reused pid apart
 
 
 def repo_root() -> Path:
@@ -193,7 +194,8 @@ def create_run(stage: str, params: dict[str, object], model_name: str,
 
 
 def process_tags() -> dict[str, str]:
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            STARTED_TAG: start_time(os.getpid()) or ""}
 
 
 def stage_definition(stage: str, paths: Paths) -> dict:
@@ -231,7 +233,8 @@ def end_stale_runs(keep: set[str] = frozenset(), reasons: dict[str, str] | None 
             [experiment.experiment_id],
             f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"):
         run_id, pid = run.info.run_id, run.data.tags.get(PID_TAG, "")
-        if run_id in keep or not pid.isdigit() or pid_alive(int(pid)):
+        started = run.data.tags.get(STARTED_TAG) or None
+        if run_id in keep or not pid.isdigit() or pid_alive(int(pid), started):
             continue
         note = (reasons or {}).get(run_id) or (
             f"process {pid} on {host} ended without closing this run (killed?)")
