@@ -351,7 +351,11 @@ def test_train_stage_in_two_processes_logs_one_run_from_rank_0(workspace):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table")
-def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(workspace):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(workspace, signum):
+    """SIGTERM to the stage is passed on; after a SIGKILL of the stage alone (nothing
+    passed on) each worker's watchdog sees it gone (issue 25, item 4). Either way every
+    process ends, with a checkpoint and the run KILLED."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"nproc": 2, "epochs": 50, "precision": "fp32"})
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
@@ -380,17 +384,20 @@ def test_stopping_a_multi_process_training_stops_torchrun_and_its_workers(worksp
             break
     members = group()
     assert len(members) >= 3, members  # torchrun and two workers
-    stage.send_signal(signal.SIGTERM)
-    assert stage.wait(timeout=60) == 130, stage.stdout.read()[-3000:]  # as one process
-    assert "training in 2 processes stopped by SIGTERM" in stage.stdout.read()
-    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
-    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert run.info.status == "KILLED"
-    assert list((workspace / FOLDER).glob("*/step-*.sha256"))  # resumable
+    stage.send_signal(signum)
+    if signum == signal.SIGTERM:
+        assert stage.wait(timeout=60) == 130, stage.stdout.read()[-3000:]  # as one process
+        assert "training in 2 processes stopped by SIGTERM" in stage.stdout.read()
+    else:
+        assert stage.wait(timeout=60) == -signal.SIGKILL
     deadline = time.monotonic() + 30
     while group_alive := [p for p in members if os.path.exists(f"/proc/{p}")]:
         assert time.monotonic() < deadline, f"still running: {group_alive}"
         time.sleep(0.5)
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "KILLED"
+    assert list((workspace / FOLDER).glob("*/step-*.sha256"))  # resumable
     assert not Paths(workspace).adapter.exists()
 
 

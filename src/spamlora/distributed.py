@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 from .errors import Interrupted
-from .process import stop_signals
+from .process import pid_alive, start_time, stop_signals
 
 
 def under_torchrun() -> bool:
@@ -34,10 +36,13 @@ def relaunch(script: str, nproc: int) -> int:
     console process group, reached with CTRL_BREAK_EVENT."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", script]
+    env = {**os.environ, STAGE_PID: str(os.getpid()),
+           STAGE_STARTED: start_time(os.getpid()) or ""}
     if os.name == "posix":
-        proc = subprocess.Popen(command, start_new_session=True)
+        proc = subprocess.Popen(command, start_new_session=True, env=env)
     else:
-        proc = subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+        proc = subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP,
+                                env=env)
 
     stopped = []
 
@@ -62,6 +67,32 @@ def relaunch(script: str, nproc: int) -> int:
     return status
 
 
+# The stage process a worker belongs to (set by `relaunch`), which `watch_stage` follows.
+STAGE_PID, STAGE_STARTED = "SPAMLORA_STAGE_PID", "SPAMLORA_STAGE_STARTED"
+WATCH_SECONDS = 1.0
+
+
+def watch_stage() -> threading.Thread | None:
+    """In a worker: once the stage that launched torchrun is gone (SIGKILL, a crash; no
+    signal was passed on), stop this worker as a passed-on SIGTERM would: a checkpoint,
+    the run ended KILLED, exit. Otherwise workers train on, orphaned, writing outputs DVC
+    never records and blocking the rerun with "running already"."""
+    pid = os.environ.get(STAGE_PID, "")
+    if not pid.isdigit():
+        return None
+    started = os.environ.get(STAGE_STARTED) or None
+
+    def watch() -> None:
+        while pid_alive(int(pid), started):
+            time.sleep(WATCH_SECONDS)
+        print(f"the stage (process {pid}) is gone: stopping", file=sys.stderr, flush=True)
+        signal.raise_signal(signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="watch-stage", daemon=True)
+    thread.start()
+    return thread
+
+
 def backend(device: torch.device) -> str:
     """NCCL for CUDA tensors (gradients) and gloo for CPU ones (the step's loss and
     accuracy sums, `all_sum`): NCCL alone has no backend for CPU tensors."""
@@ -74,6 +105,7 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend(device))
+    watch_stage()
     return device
 
 
