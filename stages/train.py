@@ -18,6 +18,7 @@ import time
 
 import mlflow
 import pandas as pd
+import torch
 
 from spamlora import distributed, stage, tracking
 from spamlora.adapter import AdapterSpec, save_adapter
@@ -44,14 +45,16 @@ def main(params: Params) -> None:
             raise SpamloraError(f"training in {tp.nproc} processes failed (exit {status})")
         return
     device = resolve_device(tp.device)
+    keyed_device = device  # the same in every process: init gives each its own GPU
     if distributed.under_torchrun():
         device = distributed.init(device)
+    dtype = resolve_precision(tp.precision, device)
     main_process = distributed.is_main()
-    checkpoints = Checkpoints(tracking.repo_root(), checkpoint_key(params, paths))
+    checkpoints = Checkpoints(tracking.repo_root(),
+                              checkpoint_key(params, paths, keyed_device, dtype))
     run_id = start_run(params, paths, checkpoints) if main_process else None
     stop = StopRequest()
     with tracking.active_run(run_id) if main_process else contextlib.nullcontext():
-        dtype = resolve_precision(tp.precision, device)
         tokenizer = Tokenizer(paths.base_model)
         base = load_gpt2(paths.base_model)
         train_df = read_labelled_csv(paths.split("train"))
@@ -125,13 +128,26 @@ def base_reference(params: Params, paths: Paths) -> BaseReference:
     return ref
 
 
-def checkpoint_key(params: Params, paths: Paths) -> str:
+def checkpoint_key(params: Params, paths: Paths, device: torch.device,
+                   dtype: torch.dtype) -> str:
     """What this training's result depends on, as dvc.yaml declares it: its params
-    (less how often it checkpoints) and the content of its deps, code included."""
+    (less how often it checkpoints) and the content of its deps, code included; and the
+    device and precision `train.device` / `train.precision` resolved to on this host
+    (`device` as resolved before torchrun's processes take one GPU each). So a
+    checkpoint made in bf16 is never resumed in fp32 or the other way round, and a
+    resumed run is never asked to log `resolved.*` params other than its own (MLflow
+    refuses to change a param).
+
+    The params stay in the key as written: `auto` resolving to bf16 is the same
+    computation as `bf16` pinned, but the run stores the params it was created with and
+    evaluate continues a run only when they equal the current ones, so sharing the
+    checkpoint would leave the DVC experiment's params and its MLflow run's disagreeing."""
     definition = tracking.stage_definition("train", paths)
     prefixes = tuple(definition["params"])
     flat = {k: v for k, v in params.flat().items()
             if k.startswith(prefixes) and k != "train.checkpoint_seconds"}
+    flat["resolved.device"] = str(device)
+    flat["resolved.precision"] = str(dtype).removeprefix("torch.")
     return computation_key(flat, {d: paths.root / d for d in definition["deps"]})
 
 

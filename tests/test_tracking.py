@@ -467,3 +467,72 @@ def test_a_server_that_answers_at_all_is_reachable_and_passwords_are_never_print
     assert "s3cret" not in str(e.value) and f"alice:***@127.0.0.1:{dead}" in str(e.value)
     assert redacted("https://bob:pw@host/x") == "https://bob:***@host/x"
     assert redacted("http://host:5000") == "http://host:5000"
+
+
+def test_the_checkpoint_key_holds_what_auto_precision_resolves_to(workspace, monkeypatch):
+    """Issue 25, item 12: `precision: auto` is keyed as what it resolves to on this host,
+    so a bf16 checkpoint is never resumed in fp32 (nor the reverse); a pinned `bf16` is
+    another key (the run records the params as written: see `checkpoint_key`)."""
+    main = stage_main("train")
+    checkpoint_key = main.__globals__["checkpoint_key"]
+    params = load_params(REPO / "params.yaml")
+    auto = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                 precision="auto"))
+    pinned = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   precision="bf16"))
+    cpu, paths = torch.device("cpu"), Paths(workspace)
+    keys = {}
+    for host_bf16 in (True, False):
+        monkeypatch.setattr(precision, "cpu_computes_bf16", lambda host_bf16=host_bf16: host_bf16)
+        dtype = precision.resolve_precision("auto", cpu)
+        assert dtype == (torch.bfloat16 if host_bf16 else torch.float32)
+        keys[host_bf16] = checkpoint_key(auto, paths, cpu, dtype)
+        assert checkpoint_key(auto, paths, cpu, dtype) == keys[host_bf16]  # stable
+    assert keys[True] != keys[False]
+    assert checkpoint_key(pinned, paths, cpu, torch.bfloat16) != keys[True]
+
+
+def test_an_auto_precision_checkpoint_resumes_only_where_auto_resolves_the_same(
+        workspace, monkeypatch, capsys):
+    """A training stopped in bf16 (`auto` on a bf16 host) and rerun where `auto` means
+    fp32 trains afresh in a run of its own (it used to resume the bf16 run, and MLflow
+    refused to change its `resolved.precision`); back on a bf16 host it resumes."""
+    from spamlora.errors import Interrupted
+
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, epochs=1, precision="auto", device="cpu"))
+
+    class StopAtOnce:  # as a SIGTERM during the first step would
+        def requested(self):
+            return True
+
+        def restore(self):
+            pass
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: True)
+    stopped = stage_main("train")
+    monkeypatch.setitem(stopped.__globals__, "StopRequest", StopAtOnce)
+    with pytest.raises(Interrupted):
+        stopped(params)
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    (killed,) = client.search_runs([experiment_id])
+    assert killed.info.status == "KILLED"
+    assert killed.data.params["resolved.precision"] == "bfloat16"
+    capsys.readouterr()
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: False)
+    stage_main("train")(params)
+    assert "resuming" not in capsys.readouterr().out
+    fresh = read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY]
+    assert fresh != killed.info.run_id
+    run = client.get_run(fresh)
+    assert run.info.status == "FINISHED" and run.data.params["resolved.precision"] == "float32"
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: True)
+    stage_main("train")(params)
+    assert "resuming from epoch 1, step 1" in capsys.readouterr().out
+    assert read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY] == killed.info.run_id
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([experiment_id])) == 2
