@@ -261,6 +261,58 @@ def test_a_run_without_a_model_cannot_be_promoted(store):
     mlflow.MlflowClient().delete_run(run.info.run_id)
 
 
+def test_a_training_run_missing_from_the_store_is_an_error_naming_it(store, capsys):
+    """Issue 25, item 8: `--best` picks a run that reused a training this store lacks
+    (a clone with another store): an error naming the run and the store, no traceback."""
+    from spamlora import cli
+
+    missing = "0123456789abcdef0123456789abcdef"
+    with mlflow.start_run(tags={TRAINING_RUN_TAG: missing}) as run:
+        mlflow.log_metric("validation.accuracy", 0.99)
+    try:
+        assert cli.main(["promote", "--best", "validation.accuracy"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("spamlora promote: error: ") and "Traceback" not in err
+        assert f"run {run.info.run_id} reused the training of run {missing}" in err
+        assert f"is not in the tracking store {store['uri']}" in err
+        with pytest.raises(PromotionError, match=missing):
+            promote(run_id=run.info.run_id)
+    finally:
+        mlflow.MlflowClient().delete_run(run.info.run_id)
+
+
+def test_a_deleted_run_is_never_promoted(store):
+    """A deleted run (kept until `mlflow gc`) is no candidate, and a run naming a deleted
+    training, or a deleted run named by id, is refused with how to restore it."""
+    client = mlflow.MlflowClient(store["uri"])
+    with mlflow.start_run() as trained:
+        log_model(store["adapter"], store["ref"])
+        mlflow.log_metric("validation.accuracy", 0.9)
+    with mlflow.start_run(tags={TRAINING_RUN_TAG: trained.info.run_id}) as evaluated:
+        mlflow.log_metric("validation.accuracy", 0.95)
+    trained_id, evaluated_id = trained.info.run_id, evaluated.info.run_id
+    versions = len(client.search_model_versions())
+    client.delete_run(trained_id)
+    try:
+        restore = f"MLFLOW_TRACKING_URI={store['uri']} mlflow runs restore --run-id {trained_id}"
+        with pytest.raises(PromotionError) as refused:
+            promote(best="validation.accuracy")
+        assert str(refused.value) == (
+            f"run {evaluated_id} reused the training of run {trained_id}, which is deleted "
+            f"in the tracking store {store['uri']}: `{restore}` brings it back")
+        with pytest.raises(PromotionError, match=f"run {trained_id} is deleted .*{restore}"):
+            promote(run_id=trained_id)
+        assert len(client.search_model_versions()) == versions  # nothing registered
+
+        client.restore_run(trained_id)
+        client.delete_run(evaluated_id)  # the higher metric, but deleted: not a candidate
+        done = promote(best="validation.accuracy", alias="restored")
+        assert done.run_id == done.chosen_run_id == trained_id
+    finally:
+        client.delete_run(trained_id)
+        client.delete_run(evaluated_id)
+
+
 @pytest.fixture(scope="module")
 def served(store):
     """`mlflow models serve` of the registry's `serving` alias on an ephemeral port."""

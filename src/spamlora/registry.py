@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import SpamloraError
 from .mlflow_model import MODEL_NAME
-from .tracking import EXPERIMENT, TRAINING_RUN_TAG, connect
+from .tracking import EXPERIMENT, TRAINING_RUN_TAG, connect, tracking_uri
 
 REGISTERED_NAME = "spamlora-sms"
 DEFAULT_ALIAS = "champion"
@@ -48,9 +48,24 @@ def _experiment_id(client) -> str:
 
 
 def _finished_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """The experiment's finished runs, newest first; deleted ones (kept until `mlflow
+    gc`) are not candidates."""
+    from mlflow.entities import ViewType
+
     status = "attributes.status = 'FINISHED'"
     return client.search_runs([experiment_id], " and ".join(
-        f for f in (status, filter_string) if f), order_by=["attributes.start_time DESC"])
+        f for f in (status, filter_string) if f), run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"])
+
+
+def _not_deleted(run, what: str):
+    """`run`, unless it is deleted (in the store until `mlflow gc`): `what` names it."""
+    if run.info.lifecycle_stage == "deleted":
+        run_id = run.info.run_id
+        raise PromotionError(f"{what} is deleted in the tracking store {tracking_uri()}: "
+                             f"`MLFLOW_TRACKING_URI={tracking_uri()} mlflow runs restore "
+                             f"--run-id {run_id}` brings it back")
+    return run
 
 
 def choose_run(client, run_id: str | None = None, exp: str | None = None,
@@ -63,9 +78,11 @@ def choose_run(client, run_id: str | None = None, exp: str | None = None,
         raise PromotionError("choose the run with exactly one of --run, --exp, --best")
     if run_id is not None:
         try:
-            return client.get_run(run_id)
+            run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
-            raise PromotionError(f"no run {run_id!r} in the tracking store") from None
+            raise PromotionError(f"no run {run_id!r} in the tracking store "
+                                 f"{tracking_uri()}") from None
+        return _not_deleted(run, f"run {run_id}")
     experiment_id = _experiment_id(client)
     if exp is not None:
         runs = _finished_runs(client, experiment_id, f"tags.`dvc.exp_name` = '{exp}'")
@@ -96,12 +113,22 @@ def _logged_model(client, run) -> object | None:
 
 def model_run(client, run):
     """The run holding the model of `run`'s results: itself, or the training run it
-    reused."""
+    reused (which must be in the store and not deleted)."""
+    import mlflow
+
     if _logged_model(client, run) is not None:
         return run
     training = run.data.tags.get(TRAINING_RUN_TAG)
     if training and training != run.info.run_id:
-        return model_run(client, client.get_run(training))
+        what = f"run {run.info.run_id} reused the training of run {training}, which"
+        try:
+            trained = client.get_run(training)
+        except mlflow.exceptions.MlflowException:
+            raise PromotionError(f"{what} is not in the tracking store {tracking_uri()} "
+                                 f"(a clone that pulled the pipeline's outputs but logs to "
+                                 f"another store? set MLFLOW_TRACKING_URI to the store it "
+                                 f"was trained in)") from None
+        return model_run(client, _not_deleted(trained, what))
     raise PromotionError(f"run {run.info.run_id} has no logged model {MODEL_NAME!r} "
                          f"(trained before models were logged? rerun its training)")
 
