@@ -31,8 +31,15 @@ from spamlora.mlflow_model import (
 )
 from spamlora.precision import resolve_device, resolve_precision
 from spamlora.predictor import Predictor
-from spamlora.registry import PromotionError, promote
-from spamlora.tracking import ARTIFACT_DIR, EXPERIMENT, STORE_FILE, TRAINING_RUN_TAG
+from spamlora.registry import PromotionError, promote, selection_warnings
+from spamlora.tracking import (
+    ARTIFACT_DIR,
+    EXPERIMENT,
+    STORE_FILE,
+    TRAINING_RUN_TAG,
+    _log_datasets,
+    file_md5,
+)
 
 from .conftest import free_port, local_server
 
@@ -311,6 +318,61 @@ def test_a_deleted_run_is_never_promoted(store):
     finally:
         client.delete_run(trained_id)
         client.delete_run(evaluated_id)
+
+
+def test_choosing_by_a_test_metric_is_warned_about(store, capsys):
+    """Issue 25, item 9: selecting on the test split spends it; the warning says so and
+    names the validation metric to choose by instead. A validation metric is quiet."""
+    from spamlora import cli
+
+    assert cli.main(["promote", "--best", "test.accuracy", "--alias", "by-test"]) == 0
+    out, err = capsys.readouterr()
+    assert f"from run {store['runs']['high-exp']}" in out
+    assert ("warning: choosing by test.accuracy, a test-split metric, fits the choice to "
+            "the test messages") in err
+    assert "--best validation.accuracy" in err
+    assert promote(best="val_loss", lowest=True, name="other").warnings == ()
+    run = mlflow.MlflowClient().get_run(store["runs"]["low-exp"])
+    (warning,) = selection_warnings("test_unseen.f1", [run], run)
+    assert warning.startswith("choosing by test_unseen.f1, a test-split metric")
+
+
+def test_candidates_evaluated_on_different_splits_are_named(store, tmp_path):
+    """Two runs whose validation splits differ (`data.dedupe` changed, say): choosing
+    between them by a validation metric says so, naming each run and its split's
+    digest."""
+    client = mlflow.MlflowClient(store["uri"])
+    splits = {}
+    for name, rows in (("train", "1,free prize,1\n"), ("validation", "2,hi,0\n"),
+                       ("validation-deduped", "3,hello,0\n"), ("test", "4,ok,0\n")):
+        splits[name] = tmp_path / f"{name}.csv"
+        splits[name].write_text("id,text,label\n" + rows)
+    ids = {}
+    for which, score in (("validation", 0.9), ("validation-deduped", 0.8)):
+        with mlflow.start_run() as run:
+            if score == 0.9:
+                log_model(store["adapter"], store["ref"])
+            mlflow.log_metric("validation.f1", score)
+        _log_datasets(client, run.info.run_id,
+                      {"train": splits["train"], "validation": splits[which],
+                       "test": splits["test"]}, {"data.url": "u"})
+        ids[which] = run.info.run_id
+    try:
+        done = promote(best="validation.f1", alias="by-f1")
+        assert done.run_id == ids["validation"]
+        (warning,) = done.warnings
+        assert warning.startswith("the 2 runs with validation.f1 were not all evaluated on "
+                                  "the same validation data")
+        chosen, other = ids["validation"], ids["validation-deduped"]
+        assert (f"validation {file_md5(splits['validation'])[:12]}: run(s) {chosen} "
+                f"(chosen)") in warning
+        assert (f"validation {file_md5(splits['validation-deduped'])[:12]}: run(s) "
+                f"{other}") in warning
+        client.delete_run(other)
+        assert promote(best="validation.f1", alias="by-f1").warnings == ()
+    finally:
+        for run_id in ids.values():
+            client.delete_run(run_id)
 
 
 @pytest.fixture(scope="module")

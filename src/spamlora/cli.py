@@ -254,6 +254,8 @@ def _promote(args: argparse.Namespace) -> None:
     print(f"registered {done.name} version {done.version} from run {done.run_id}{via}")
     print(f"alias {done.alias!r} -> version {done.version}: {done.alias_uri}")
     print(f"this version: {done.version_uri}")
+    for warning in done.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--exp", metavar="DVC_EXP_NAME",
                        help="the newest finished run of this DVC experiment")
     which.add_argument("--best", metavar="METRIC",
-                       help="the finished run with the highest METRIC, e.g. test.accuracy")
+                       help="the finished run with the highest METRIC: a validation one, "
+                            "e.g. validation.accuracy (a test metric is warned about)")
     m.add_argument("--lowest", action="store_true", help="with --best: the lowest wins")
     m.add_argument("--name", default="spamlora-sms", help="registered model name")
     m.add_argument("--alias", default="champion")

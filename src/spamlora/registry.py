@@ -2,8 +2,10 @@
 moved to it. Runs are never registered automatically: a registry is for promotions.
 
 A run is chosen by id, by DVC experiment name (the `dvc.exp_name` tag), or as the best
-finished run of the experiment by a metric. A run that only evaluated a cached training
-(tagged `spamlora.training_run`) promotes the model of the run that trained it.
+finished run of the experiment by a metric: a validation one (`validation.*` from the
+evaluate stage, `val_*` from training's last epoch); choosing by a test metric, or among
+runs evaluated on different splits, is warned about. A run that only evaluated a cached
+training (tagged `spamlora.training_run`) promotes the model of the run that trained it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import SpamloraError
 from .mlflow_model import MODEL_NAME
-from .tracking import EXPERIMENT, TRAINING_RUN_TAG, connect, tracking_uri
+from .tracking import EXPERIMENT, SPLIT_CONTEXTS, TRAINING_RUN_TAG, connect, tracking_uri
 
 REGISTERED_NAME = "spamlora-sms"
 DEFAULT_ALIAS = "champion"
@@ -29,6 +31,7 @@ class Promotion:
     alias: str
     run_id: str  # the run whose model was registered
     chosen_run_id: str  # the run chosen (differs when it reused another's training)
+    warnings: tuple[str, ...] = ()  # about how it was chosen (`selection_warnings`)
 
     @property
     def alias_uri(self) -> str:
@@ -90,13 +93,75 @@ def choose_run(client, run_id: str | None = None, exp: str | None = None,
             raise PromotionError(f"no finished run of DVC experiment {exp!r} (known: "
                                  f"{_known_experiments(client, experiment_id)})")
         return runs[0]  # the newest, if the experiment was run again
+    runs = _candidates(client, experiment_id, best)
+    return (min if lowest else max)(runs, key=lambda r: r.data.metrics[best])
+
+
+def _candidates(client, experiment_id: str, best: str) -> list:
+    """The finished runs that have metric `best`, newest first (at least one)."""
     runs = [r for r in _finished_runs(client, experiment_id) if best in r.data.metrics]
     if not runs:
         seen = sorted({m for r in _finished_runs(client, experiment_id)
                        for m in r.data.metrics})
         raise PromotionError(f"no finished run of experiment {EXPERIMENT!r} has metric "
                              f"{best!r} (metrics logged: {seen})")
-    return (min if lowest else max)(runs, key=lambda r: r.data.metrics[best])
+    return runs
+
+
+TEST_METRICS = ("test.", "test_unseen.")  # the evaluate stage's test-split metrics
+# The split a metric is computed on, by its prefix (as tracking logs the splits' contexts).
+METRIC_SPLITS = (("test.", "testing"), ("test_unseen.", "testing"),
+                 ("validation.", "validation"), ("val_", "validation"),
+                 ("train.", "training"), ("train_", "training"))
+NAMED_RUNS = 5  # runs named per digest; the rest are counted
+
+
+def _split_digests(run) -> dict[str, str]:
+    """Split context (training, validation, testing) -> the digest of the dataset the
+    run logged for it."""
+    digests = {}
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        context = {t.key: t.value for t in item.tags}.get("mlflow.data.context")
+        if context:
+            digests[context] = item.dataset.digest
+    return digests
+
+
+def selection_warnings(best: str, candidates: list, chosen) -> list[str]:
+    """What the user should know about choosing `chosen` among `candidates` by `best`:
+    a test metric spends the test split on the choice, and runs evaluated on different
+    splits (other digests: `data.dedupe`, the seed or the fractions changed) have
+    metrics that do not compare."""
+    out = []
+    if best.startswith(TEST_METRICS):
+        out.append(f"choosing by {best}, a test-split metric, fits the choice to the test "
+                   f"messages: the winner's test score then overstates how it does on new "
+                   f"ones. Choose by a validation metric (e.g. --best validation.accuracy, "
+                   f"or --best validation.loss --lowest) and keep the test split for "
+                   f"reporting the chosen model")
+    splits = [c for prefix, c in METRIC_SPLITS if best.startswith(prefix)][:1] or list(
+        SPLIT_CONTEXTS.values())
+    groups: dict[tuple, list[str]] = {}
+    for run in candidates:
+        digests = _split_digests(run)
+        names = groups.setdefault(tuple(digests.get(s) for s in splits), [])
+        if run.info.run_id == chosen.info.run_id:
+            names.insert(0, f"{run.info.run_id} (chosen)")  # never among those cut
+        else:
+            names.append(run.info.run_id)
+    if len(groups) > 1:
+        described = []
+        for digests, names in groups.items():
+            shown = ", ".join(names[:NAMED_RUNS]) + (
+                f" and {len(names) - NAMED_RUNS} more" if len(names) > NAMED_RUNS else "")
+            what = ", ".join(f"{s} {d[:12] if d else 'not logged'}"
+                             for s, d in zip(splits, digests, strict=True))
+            described.append(f"{what}: run(s) {shown}")
+        out.append(f"the {len(candidates)} runs with {best} were not all evaluated on the "
+                   f"same {'/'.join(splits)} data (their dataset digests differ: "
+                   f"data.dedupe, data.seed or the split fractions changed?), so their "
+                   f"{best} values do not compare: " + "; ".join(described))
+    return out
 
 
 def _known_experiments(client, experiment_id: str) -> list[str]:
@@ -144,6 +209,8 @@ def promote(run_id: str | None = None, exp: str | None = None, best: str | None 
     client = connect()
     chosen = choose_run(client, run_id, exp, best, lowest)
     source = model_run(client, chosen)
+    warnings = selection_warnings(best, _candidates(client, chosen.info.experiment_id, best),
+                                  chosen) if best else []
     tags = {"chosen_run": chosen.info.run_id}
     if best:
         tags[f"promoted_by.{best}"] = str(chosen.data.metrics[best])
@@ -154,7 +221,7 @@ def promote(run_id: str | None = None, exp: str | None = None, best: str | None 
                                     tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return Promotion(name, str(version.version), alias, source.info.run_id,
-                     chosen.info.run_id)
+                     chosen.info.run_id, tuple(warnings))
 
 
 def _check_alias(alias: str) -> None:
