@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from .errors import SpamloraError
 from .mlflow_model import MODEL_NAME
-from .tracking import EXPERIMENT, SPLIT_CONTEXTS, TRAINING_RUN_TAG, connect, tracking_uri
+from .tracking import (
+    EXPERIMENT,
+    SPLIT_CONTEXTS,
+    TRAINING_RUN_TAG,
+    connect,
+    redacted,
+    tracking_uri,
+)
 
 REGISTERED_NAME = "spamlora-sms"
 DEFAULT_ALIAS = "champion"
@@ -65,8 +72,8 @@ def _not_deleted(run, what: str):
     """`run`, unless it is deleted (in the store until `mlflow gc`): `what` names it."""
     if run.info.lifecycle_stage == "deleted":
         run_id = run.info.run_id
-        raise PromotionError(f"{what} is deleted in the tracking store {tracking_uri()}: "
-                             f"`MLFLOW_TRACKING_URI={tracking_uri()} mlflow runs restore "
+        raise PromotionError(f"{what} is deleted in the tracking store {redacted(tracking_uri())}: "
+                             f"`MLFLOW_TRACKING_URI={redacted(tracking_uri())} mlflow runs restore "
                              f"--run-id {run_id}` brings it back")
     return run
 
@@ -84,7 +91,7 @@ def choose_run(client, run_id: str | None = None, exp: str | None = None,
             run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             raise PromotionError(f"no run {run_id!r} in the tracking store "
-                                 f"{tracking_uri()}") from None
+                                 f"{redacted(tracking_uri())}") from None
         return _not_deleted(run, f"run {run_id}")
     experiment_id = _experiment_id(client)
     if exp is not None:
@@ -189,7 +196,7 @@ def model_run(client, run):
         try:
             trained = client.get_run(training)
         except mlflow.exceptions.MlflowException:
-            raise PromotionError(f"{what} is not in the tracking store {tracking_uri()} "
+            raise PromotionError(f"{what} is not in the tracking store {redacted(tracking_uri())} "
                                  f"(a clone that pulled the pipeline's outputs but logs to "
                                  f"another store? set MLFLOW_TRACKING_URI to the store it "
                                  f"was trained in)") from None
