@@ -214,9 +214,9 @@ def test_promote_an_experiment_then_predict_from_the_registry(pipeline, tmp_path
 
     # The best of all five runs; a queued one trained in a temporary copy that is gone,
     # so its base comes from the cache, downloaded from the recorded URL.
-    best = max((r for r in runs if "test.accuracy" in r.data.metrics),
-               key=lambda r: r.data.metrics["test.accuracy"])
-    out = spamlora(ws, "promote", "--best", "test.accuracy")
+    best = max((r for r in runs if "validation.accuracy" in r.data.metrics),
+               key=lambda r: r.data.metrics["validation.accuracy"])
+    out = spamlora(ws, "promote", "--best", "validation.accuracy")  # as README says
     assert "version 2 " in out
     cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     scored = probabilities(spamlora(ws, *predict, "--model", "models:/spamlora-sms@champion",
@@ -225,7 +225,8 @@ def test_promote_an_experiment_then_predict_from_the_registry(pipeline, tmp_path
     champion = client.get_model_version_by_alias("spamlora-sms", "champion")
     assert str(champion.version) == "2"
     chosen = client.get_run(champion.tags["chosen_run"])
-    assert chosen.data.metrics["test.accuracy"] == best.data.metrics["test.accuracy"]
+    assert chosen.data.metrics["validation.accuracy"] == \
+        best.data.metrics["validation.accuracy"]
 
 
 def test_sweep_report_from_dvc_exp_show(pipeline):

@@ -315,7 +315,7 @@ def test_a_tracking_server_receives_the_pipeline_run(workspace, mlflow_server, m
     assert not (workspace / STORE_FILE).exists()
     assert any((root / "artifacts").rglob("adapter.safetensors"))  # in the logged model
     # The server's registry: promote, then load by alias through the server alone.
-    done = promote(best="test.accuracy")
+    done = promote(best="validation.accuracy")
     assert done.run_id == run.info.run_id
     loaded = mlflow.pyfunc.load_model(done.alias_uri, model_config={"precision": "fp32"})
     assert list(loaded.predict(["win a prize now"]).columns) == ["label", "spam_probability"]
