@@ -226,7 +226,7 @@ def test_another_computation_keeps_a_killed_ones_checkpoint_which_then_resumes(
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
 def test_two_processes_killed_and_resumed_match_an_uninterrupted_pair(tmp_path, tiny_gpt2,
                                                                       reference):
-    two = {"train.nproc": 2, "lora.dropout": 0.0}
+    two = {"train.nproc": 2}  # LoRA dropout 0.1: each process's generators matter
     ws = new_workspace(tmp_path, tiny_gpt2, **two)
     step = a_random_step()
     proc = start(ws)

@@ -109,19 +109,24 @@ class Owner:
         return pid_alive(self.pid, self.started)
 
 
-def _generator_states(order_state: torch.Tensor) -> dict[str, torch.Tensor]:
-    states = {"rng.order": order_state, "rng.torch": torch.get_rng_state()}
+def generator_states() -> dict[str, torch.Tensor]:
+    """This process's global random generators (LoRA dropout draws from them): each
+    process of a multi-process training has its own, saved apart."""
+    states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"rng.cuda.{i}"] = state
+            states[f"cuda.{i}"] = state
     return states
 
 
 def _set_generator_states(tensors: dict[str, torch.Tensor],
-                          order_generator: torch.Generator) -> None:
+                          order_generator: torch.Generator, rank: int) -> None:
     order_generator.set_state(tensors["rng.order"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    # Checkpoints from before per-process states hold one, `rng.torch`, for all.
+    prefix = f"rng.{rank}." if f"rng.{rank}.torch" in tensors else "rng."
+    torch.set_rng_state(tensors[prefix + "torch"])
+    cuda = sorted((k for k in tensors if k.startswith(prefix + "cuda.")),
+                  key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
@@ -181,7 +186,8 @@ class Checkpoints:
         return sorted(self.folder.glob("step-*.safetensors"), reverse=True)
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             order_state: torch.Tensor, state: LoopState, run_id: str | None) -> bool:
+             order_state: torch.Tensor, state: LoopState, run_id: str | None,
+             rng_states: list[dict[str, torch.Tensor]] | None = None) -> bool:
         """Write a checkpoint; False (with a warning) if it could not be written: the
         training goes on, resumable from the previous one. `order_state` is the batch
         order generator's state at the start of `state.epoch` (the order is drawn
@@ -190,7 +196,9 @@ class Checkpoints:
                    for n, p in model.named_parameters() if p.requires_grad}
         optim_tensors, optim_meta = _optimizer_tensors(optimizer)
         tensors.update({k: v.cpu().contiguous() for k, v in optim_tensors.items()})
-        tensors.update(_generator_states(order_state))
+        tensors["rng.order"] = order_state
+        for rank, states in enumerate(rng_states or [generator_states()]):
+            tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in states.items()})
         meta = {"format": FORMAT, "key": self.key, "run_id": run_id,
                 "loop": asdict(state), "optimizer": optim_meta}
         path = self.folder / f"step-{state.step:09d}-epoch-{state.epoch:04d}.safetensors"
@@ -225,9 +233,9 @@ class Checkpoints:
             yield path, tensors, meta
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                order_generator: torch.Generator) -> LoopState | None:
-        """Load the newest valid checkpoint into the model, optimizer and generators;
-        its loop state, or None to start afresh."""
+                order_generator: torch.Generator, rank: int = 0) -> LoopState | None:
+        """Load the newest valid checkpoint into the model, optimizer and generators
+        (process `rank`'s own); its loop state, or None to start afresh."""
         for _, tensors, meta in self._valid():
             params = dict(model.named_parameters())
             with torch.no_grad():
@@ -235,7 +243,7 @@ class Checkpoints:
                     if p.requires_grad:
                         p.copy_(tensors[f"model.{name}"])
             optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
-            _set_generator_states(tensors, order_generator)
+            _set_generator_states(tensors, order_generator, rank)
             return LoopState(**meta["loop"])
         return None
 

@@ -128,6 +128,22 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def gather_states(states: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every process's `states` (the same names and shapes in each), in rank order, in
+    every process; a collective call: all processes make it together."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [states]
+    gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for name in sorted(states):
+        mine = states[name].cpu().contiguous()
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        for rank, part in enumerate(parts):
+            gathered[rank][name] = part
+    return gathered
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import batching, distributed
-from .checkpoint import Checkpoints, LoopState
+from .checkpoint import Checkpoints, LoopState, generator_states
 from .config import TrainParams
 from .errors import Interrupted
 from .inference import predict_logits
@@ -136,7 +136,7 @@ def train_classifier(
     state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
                       history=asdict(History()))
     if resumable:
-        restored = resumable.checkpoints.restore(model, optimizer, generator)
+        restored = resumable.checkpoints.restore(model, optimizer, generator, rank)
         if restored is not None:
             state = restored
             if rank == 0:
@@ -145,13 +145,18 @@ def train_classifier(
     step, seen, last_save = state.step, state.seen, time.monotonic()
 
     def save(epoch: int, batch: int, order_state: torch.Tensor, sums: tuple) -> None:
+        """Every process calls it at the same step: each one's generators are gathered
+        for rank 0 to write."""
         nonlocal last_save
         last_save = time.monotonic()
-        if rank != 0 or resumable is None:
+        if resumable is None:
+            return
+        rng_states = distributed.gather_states(generator_states())
+        if rank != 0:
             return
         loop = LoopState(epoch, batch, step, seen, *sums, history=asdict(history))
         if resumable.checkpoints.save(model, optimizer, order_state, loop,
-                                      resumable.run_id) and resumable.on_saved:
+                                      resumable.run_id, rng_states) and resumable.on_saved:
             resumable.on_saved(history)
 
     for epoch in range(state.epoch, params.epochs + 1):
@@ -185,9 +190,11 @@ def train_classifier(
             (local_sum * world / len(index)).backward()  # DDP averages over processes
             optimizer.step()
             stop = resumable is not None and resumable.should_stop()
-            batch_loss_sum, batch_correct, stops = distributed.all_sum(
+            due = resumable is not None and time.monotonic() - last_save >= resumable.seconds
+            # Agreed by all processes, as saving gathers from each.
+            batch_loss_sum, batch_correct, stops, dues = distributed.all_sum(
                 [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight,
-                 float(stop)])
+                 float(stop), float(due)])
             step += 1
             seen += len(index)
             loss_sum += batch_loss_sum
@@ -204,7 +211,7 @@ def train_classifier(
             if stops:
                 save(epoch, batch_number, order_state, (loss_sum, correct, count))
                 raise Interrupted(f"training stopped at {epoch=}, {step=}; rerun to resume")
-            if resumable and time.monotonic() - last_save >= resumable.seconds:
+            if dues:
                 save(epoch, batch_number, order_state, (loss_sum, correct, count))
         val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype)
         val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
