@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import threading
@@ -35,6 +36,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=place)  # stable: the order within a module is kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Iterator[Path]:
+    """`XDG_CACHE_HOME` in a temporary folder for the whole session: the tests never
+    write the user's cache (spamlora's file digests and base models), nor read it."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 @pytest.fixture
@@ -102,6 +117,37 @@ def make_hf_gpt2(folder: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: in
     torch.manual_seed(seed)
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
     return folder
+
+
+HOUR_NS = 3600 * 10**9
+
+
+def downloaded(source: Path, dest: Path) -> Path:
+    """`source` fetched into `dest` as download_model does (with its download.json),
+    its files dated an hour back: written long before they are read, as usual."""
+    from spamlora.weights import fetch_model
+
+    fetch_model("gpt2", str(source), dest, timeout=5, retries=0, revision="main",
+                sha256=None)
+    for file in dest.iterdir():
+        st = file.stat()
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns - HOUR_NS))
+    return dest
+
+
+def flip_bytes(path: Path, keep_mtime: bool = False) -> None:
+    """64 bytes in the middle of `path` inverted in place: same size, same inode; with
+    `keep_mtime`, its modification time set back to what it was."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        data = f.read(64)
+        f.seek(st.st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = path.stat()
+    assert (new.st_size, new.st_ino) == (st.st_size, st.st_ino)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.weights import load_gpt2
 
-from .conftest import make_hf_gpt2
+from .conftest import downloaded, flip_bytes, make_hf_gpt2
 
 GPT2 = GPTConfig.preset("gpt2")
 NO_PACKING = ("oneDNN cannot pre-pack bf16 weights on this CPU (needs AVX-512 BW/VL/DQ, "
@@ -341,3 +341,32 @@ def test_an_adapter_from_before_init_was_recorded_reads_as_textbook(trained_like
               metadata={"spamlora": json.dumps(meta)})
     assert spec.init == "reference"
     assert read_adapter(tmp_path / "old.safetensors")[0].init == "textbook"
+
+
+def test_a_damaged_base_is_refused_by_load_classifier_and_the_predictor(tiny_gpt2, adapter,
+                                                                        tmp_path):
+    from spamlora.predictor import Predictor
+    from spamlora.weights import DamagedBaseError
+
+
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    load_classifier(base, adapter)  # the weights' digest is now cached
+    flip_bytes(base / "model.safetensors")
+    message = r"base/model\.safetensors: damaged: .* `dvc checkout "
+    with pytest.raises(DamagedBaseError, match=message):
+        load_classifier(base, adapter)
+    with pytest.raises(DamagedBaseError, match=message):
+        Predictor(base, adapter, precision="fp32")
+
+
+def test_strict_rehashes_the_base_and_catches_a_flip_that_kept_the_mtime(tiny_gpt2, adapter,
+                                                                         tmp_path):
+    from spamlora.predictor import Predictor
+    from spamlora.weights import DamagedBaseError
+
+
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    Predictor(base, adapter, precision="fp32")
+    flip_bytes(base / "model.safetensors", keep_mtime=True)
+    with pytest.raises(DamagedBaseError, match=r"base/model\.safetensors: damaged"):
+        Predictor(base, adapter, precision="fp32", strict=True)

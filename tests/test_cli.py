@@ -20,7 +20,7 @@ from spamlora.cli import main
 from spamlora.config import load_params
 from spamlora.paths import Paths
 
-from .conftest import REPO, make_hf_gpt2
+from .conftest import REPO, downloaded, flip_bytes, make_hf_gpt2
 from .test_tracking import stage_main, workspace  # noqa: F401 (fixture)
 
 
@@ -182,6 +182,27 @@ def test_missing_adapter_and_adapter_for_another_base(capsys, adapter, tiny_gpt2
     code, _, err = run_cli(capsys, "predict", "--adapter", str(tmp_path / "bad.safetensors"),
                            "--weights", str(tiny_gpt2), "x")
     assert code == 1 and "has shape" in err
+
+
+def test_predict_refuses_a_damaged_base_in_one_line(capsys, adapter, tiny_gpt2, tmp_path):
+
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    code, _, _ = predict(capsys, adapter, base, "x")
+    assert code == 0  # and the base's digests are cached
+    weights = base / "model.safetensors"
+    original, stat = weights.read_bytes(), weights.stat()
+    flip_bytes(weights)
+    code, out, err = predict(capsys, adapter, base, "x")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{weights}: damaged" in err and "dvc checkout" in err
+    # Bytes flipped and the mtime set back (same size and inode): only --strict, which
+    # hashes every file, sees it.
+    weights.write_bytes(original)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    flip_bytes(weights, keep_mtime=True)
+    code, _, err = predict(capsys, adapter, base, "--strict", "x")
+    assert code == 1 and f"{weights}: damaged" in err
 
 
 def test_download_model_then_predict_with_the_adapter_alone(capsys, adapter, tiny_gpt2,

@@ -1,15 +1,27 @@
-"""`load_gpt2`: both published layouts load; every malformed folder is a clear error."""
+"""`load_gpt2`: both published layouts load; every malformed folder is a clear error.
+`base_fingerprint`: a base's files checked against its download record, digests cached
+by (size, mtime, inode) in the user's cache, never in the folder."""
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from spamlora.weights import WeightsError, load_gpt2, read_config
+import spamlora.weights
+from spamlora.weights import (
+    DIGEST_CACHE,
+    DamagedBaseError,
+    WeightsError,
+    base_fingerprint,
+    load_gpt2,
+    read_config,
+    spamlora_cache_dir,
+)
 
-from .conftest import make_hf_gpt2
+from .conftest import downloaded, flip_bytes, make_hf_gpt2
 
 
 @pytest.fixture
@@ -123,3 +135,85 @@ def test_loading_initialises_nothing_and_restores_torch_init(folder):
     torch.manual_seed(0)
     torch.nn.Linear(4, 4)  # init works again after loading
     assert torch.nn.Linear(4, 4).weight.abs().sum() > 0
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The names of the files `base_fingerprint` reads in full, in order."""
+    calls = []
+    real = spamlora.weights.file_sha256
+    monkeypatch.setattr(spamlora.weights, "file_sha256",
+                        lambda path: calls.append(path.name) or real(path))
+    return calls
+
+
+def test_fingerprint_hashes_once_per_file_state_and_strict_always(tiny_gpt2, tmp_path,
+                                                                   hashed):
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    files_before = sorted(os.listdir(base))
+    first = base_fingerprint(base)
+    assert hashed == ["config.json", "model.safetensors"]
+    record = json.loads((base / "download.json").read_text())
+    assert first == {name: record[name]["sha256"] for name in first}
+    assert base_fingerprint(base) == first and len(hashed) == 2  # unchanged: not re-read
+    assert base_fingerprint(base, strict=True) == first
+    assert hashed[2:] == ["config.json", "model.safetensors"]  # strict: read in full
+    # The cache lives in the user's cache folder; the base folder gains nothing.
+    assert sorted(os.listdir(base)) == files_before
+    cache = spamlora_cache_dir() / DIGEST_CACHE
+    assert str((base / "model.safetensors").resolve()) in cache.read_text()
+    # A file rewritten with the same content gets a new mtime: read again.
+    (base / "config.json").write_bytes((base / "config.json").read_bytes())
+    assert base_fingerprint(base) == first and hashed[4:] == ["config.json"]
+
+
+def test_a_damaged_weights_file_is_refused_naming_it_and_how_to_restore_it(tiny_gpt2,
+                                                                           tmp_path):
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    base_fingerprint(base)  # cached
+    flip_bytes(base / "model.safetensors")
+    with pytest.raises(DamagedBaseError, match=r"base/model\.safetensors: damaged: its "
+                       r"sha256 is [0-9a-f]{64}, but download\.json recorded") as e:
+        base_fingerprint(base)
+    assert "dvc checkout" in str(e.value) and "spamlora download-model" in str(e.value)
+    with pytest.raises(DamagedBaseError):  # not cached as good by the failed check
+        base_fingerprint(base)
+
+
+def test_a_flip_that_keeps_size_mtime_and_inode_is_caught_by_strict(tiny_gpt2, tmp_path):
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    good = base_fingerprint(base)
+    flip_bytes(base / "model.safetensors", keep_mtime=True)
+    # What DVC's stat cache cannot see either: the digest of the unchanged stat is used.
+    assert base_fingerprint(base) == good
+    with pytest.raises(DamagedBaseError, match=r"model\.safetensors: damaged"):
+        base_fingerprint(base, strict=True)
+    with pytest.raises(DamagedBaseError):  # strict's digest replaced the stale one
+        base_fingerprint(base)
+
+
+def test_an_absent_corrupt_or_unwritable_digest_cache_only_costs_hashing(
+        tiny_gpt2, tmp_path, monkeypatch, hashed):
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    good = base_fingerprint(base)
+    cache = spamlora_cache_dir() / DIGEST_CACHE
+    for content in ("{not json", "[]", '{"format": "spamlora-file-digests/1", "files": 5}'):
+        cache.write_text(content)
+        del hashed[:]
+        assert base_fingerprint(base) == good and len(hashed) == 2
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # no folder can be made
+    del hashed[:]
+    assert base_fingerprint(base) == good and base_fingerprint(base) == good
+    assert len(hashed) == 4
+    flip_bytes(base / "model.safetensors")
+    with pytest.raises(DamagedBaseError):
+        base_fingerprint(base)
+
+
+def test_fingerprint_of_a_folder_without_a_record_or_a_file(folder):
+    digests = base_fingerprint(folder)  # nothing recorded: computed, nothing to check
+    assert set(digests) == {"config.json", "model.safetensors"}
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model\.safetensors: missing"):
+        base_fingerprint(folder)

@@ -52,9 +52,10 @@ class CheckpointError(SpamloraError):
 
 def computation_key(params: dict[str, object], deps: dict[str, Path]) -> str:
     """A hash of what a training's result depends on: its params and the content of
-    each dependency (`deps`: name -> file or folder). Folders are hashed file by file;
-    a base model folder's download record supplies the sha256 of the files it verified
-    (hashing 0.5-6 GB at every start would take seconds to minutes)."""
+    each dependency (`deps`: name -> file or folder). Folders are hashed file by file,
+    as `base_fingerprint` does (checked against a base's download record; digests
+    cached while a file is unchanged: hashing 0.5-6 GB at every start would take seconds
+    to minutes)."""
     from .weights import base_fingerprint
 
     contents = {}

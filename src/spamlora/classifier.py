@@ -62,18 +62,21 @@ def load_classifier(weights: str | Path, adapter: str | Path, strict: bool = Fal
                     base_sha256: dict[str, str] | None = None) -> tuple[GPTModel, AdapterSpec]:
     """The trained classifier: the base GPT-2 folder `weights` with the adapter applied.
     The (small) adapter is read and checked first, so a bad one fails before the base
-    loads. A base whose files differ from those the adapter was trained on (same shape,
-    other weights) gets a warning naming the file, or with `strict` an error;
-    `base_sha256`: the folder's file hashes where the caller has just verified them
-    (else they are read or computed). The caller's random generator is left as it was."""
+    loads. The base's files are checked against its download.json (`base_fingerprint`:
+    a damaged one is an error; `strict` hashes every file in full rather than trusting
+    digests cached by size, mtime and inode). A base whose files differ from those the
+    adapter was trained on (same shape, other weights) gets a warning naming the file,
+    or with `strict` an error; `base_sha256`: the folder's file hashes where the caller
+    has just verified them (then nothing is hashed here). The caller's random generator
+    is left as it was."""
     spec, tensors = read_adapter(adapter)
     if not (Path(weights) / CONFIG_FILE).is_file():
         raise WeightsError(f"{weights}: no GPT-2 base model here; this adapter needs "
                            f"{spec.base_model!r}: fetch it with `spamlora download-model "
                            f"--name {spec.base_model} {weights}`")
     check_base(spec, read_config(weights), weights, adapter)
+    found = base_sha256 or base_fingerprint(weights, strict=strict)
     if spec.base_sha256:
-        found = base_sha256 or base_fingerprint(weights)
         for name, want in sorted(spec.base_sha256.items()):
             if found.get(name) != want:
                 message = (f"{Path(weights) / name} has sha256 {found.get(name)}, but "

@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--strict", action="store_true",
                    help="refuse a base model whose files differ from those the adapter "
-                        "was trained on (default: a warning)")
+                        "was trained on (default: a warning), hashing every base file in "
+                        "full (default: digests cached by size, mtime and inode are trusted)")
     p.set_defaults(func=_predict)
 
     m = sub.add_parser("promote", help="register one run's model in the MLflow Model "

@@ -41,7 +41,7 @@ from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .hub import MODEL_FILES, file_sha256
 from .predictor import Predictor
-from .weights import base_fingerprint, fetch_model
+from .weights import base_fingerprint, fetch_model, spamlora_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class BaseReference:
 
     @property
     def cache_folder(self) -> Path:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-        return cache / "spamlora" / "models" / (
+        return spamlora_cache_dir() / "models" / (
             f"{self.name}-{self.sha256['model.safetensors'][:12]}")
 
     def mismatch(self, folder: Path) -> str | None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from .model import GPTConfig, GPTModel
 
 CONFIG_FILE, WEIGHTS_FILE = MODEL_FILES[:2]
 DOWNLOAD_RECORD = "download.json"
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(SpamloraError, ValueError):
@@ -156,25 +161,98 @@ def fetch_model(name: str, base_url: str, dest: str | Path, timeout: float, retr
     return record
 
 
-def base_fingerprint(folder: str | Path,
-                     files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> dict[str, str]:
+def spamlora_cache_dir() -> Path:
+    """The user's cache folder for spamlora: `$XDG_CACHE_HOME/spamlora`, default
+    `~/.cache/spamlora`. Never inside a workspace: what is cached here describes files,
+    it is not a pipeline output."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return cache / "spamlora"
+
+
+DIGEST_CACHE = "file-digests.json"
+DIGEST_CACHE_FORMAT = "spamlora-file-digests/1"
+DIGEST_CACHE_ENTRIES = 1024  # the most recently hashed files kept
+# A file modified this shortly before it was hashed may be modified again within the same
+# timestamp tick (coarse kernel clocks, 2 s on FAT): its digest is used but not stored.
+RACY_NS = 2_000_000_000
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def file_digests(paths: list[Path], rehash: bool = False) -> list[str]:
+    """The sha256 of each file, as DVC tracks content: a digest stored in the user's cache
+    (`spamlora_cache_dir() / DIGEST_CACHE`, never beside the files: a DVC output may be
+    read-only hard links) is used while the file's size, mtime_ns and inode are those it
+    was computed for; else the file is hashed and the digest stored. A change that keeps
+    all three (bytes rewritten in place, then the mtime set back) goes unseen: `rehash`
+    hashes every file. A cache that is absent, damaged or unwritable only costs hashing."""
+    cache_file = spamlora_cache_dir() / DIGEST_CACHE
+    try:
+        cache = read_json(cache_file)
+        entries = cache["files"] if cache.get("format") == DIGEST_CACHE_FORMAT else {}
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        entries = {}
+    digests, changed = [], False
+    for path in paths:
+        key = str(path.resolve())
+        before = _stamp(path.stat())
+        entry = entries.get(key)
+        if (not rehash and isinstance(entry, dict) and entry.get("stat") == before
+                and isinstance(entry.get("sha256"), str)):
+            digests.append(entry["sha256"])
+            continue
+        started = time.time_ns()
+        digest = file_sha256(path)
+        digests.append(digest)
+        entries.pop(key, None)
+        if _stamp(path.stat()) == before and before["mtime_ns"] < started - RACY_NS:
+            entries[key] = {"stat": before, "sha256": digest}
+            changed = True
+    if changed:
+        kept = {k: v for k, v in entries.items() if os.path.exists(k)}
+        kept = dict(list(kept.items())[-DIGEST_CACHE_ENTRIES:])
+        try:
+            write_json(cache_file, {"format": DIGEST_CACHE_FORMAT, "files": kept})
+        except OSError as e:
+            log.debug("file digests not cached in %s: %s", cache_file, e)
+    return digests
+
+
+class DamagedBaseError(WeightsError):
+    """A base model file whose content is not what its download recorded."""
+
+
+def base_fingerprint(folder: str | Path, files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE),
+                     strict: bool = False) -> dict[str, str]:
     """The sha256 of `files` of a base model folder (by default those that make its
-    weights): from the folder's download.json where it records them for files of the
-    size found (download_model verified them while downloading), else computed (~1.5 s
-    for GPT-2 124M)."""
+    weights), each checked against the folder's download.json where it records one: a
+    file whose content differs is a `DamagedBaseError`. Digests come from `file_digests`
+    (hashing GPT-2 124M's weights takes ~1.5 s, once per change of the file); `strict`:
+    every file hashed in full."""
     folder = Path(folder)
     try:
         record = read_json(folder / DOWNLOAD_RECORD)
     except (OSError, ValueError):
         record = {}
-    fingerprint = {}
-    for name in files:
-        entry = record.get(name) if isinstance(record, dict) else None
-        if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and entry.get("bytes") == (folder / name).stat().st_size):
-            fingerprint[name] = entry["sha256"]
-        else:
-            fingerprint[name] = file_sha256(folder / name)
+    record = record if isinstance(record, dict) else {}
+    paths = [folder / name for name in files]
+    for path in paths:
+        if not path.is_file():
+            raise WeightsError(f"{path}: missing (a GPT-2 base model folder holds "
+                               f"{', '.join(MODEL_FILES)})")
+    fingerprint = dict(zip(files, file_digests(paths, rehash=strict), strict=True))
+    for path, (name, got) in zip(paths, fingerprint.items(), strict=True):
+        entry = record.get(name)
+        want = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(want, str) and got != want:
+            raise DamagedBaseError(
+                f"{path}: damaged: its sha256 is {got}, but {DOWNLOAD_RECORD} recorded "
+                f"{want} when it was downloaded. Restore it: `dvc checkout {folder}` (a "
+                f"pipeline's data/base_model), else download it again (`dvc repro --force "
+                f"download_model`, or `spamlora download-model --name <model> {folder}`)")
     return fingerprint
 
 
