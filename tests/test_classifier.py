@@ -261,6 +261,11 @@ def test_merged_bf16_inference_agrees_with_the_trained_model(trained_like):
     ("alpha", -1.0, "alpha must be a positive number"),
     ("dropout", 1.0, r"dropout must lie in \[0, 1\)"),
     ("targets", ["query", "c_attn"], "targets must be a non-empty subset"),
+    ("targets", [["query"]], r"targets must be a non-empty subset .*, got \(\['query'\],\)"),
+    ("targets", ["query", "query"], "targets must be a non-empty subset .* each named once"),
+    ("num_classes", 2.0, r"num_classes must be 2"),
+    ("pad_id", True, "pad_id must be a token id"),
+    ("base_sha256", {"config.json": 5}, "base_sha256 must be null or map file names to"),
     ("num_classes", 3, r"num_classes must be 2"),
     ("max_length", 10**6, r"max_length must be an integer in \[1, 256\]"),
     ("pad_id", -1, "pad_id must be a token id"),
@@ -341,6 +346,36 @@ def test_an_adapter_from_before_init_was_recorded_reads_as_textbook(trained_like
               metadata={"spamlora": json.dumps(meta)})
     assert spec.init == "reference"
     assert read_adapter(tmp_path / "old.safetensors")[0].init == "textbook"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 10**12, r"base_config\.n_layers must be an integer in \[1, 256\]"),
+    ("emb_dim", 2**40, r"base_config\.emb_dim must be an integer in \[1, 16384\]"),
+    ("vocab_size", 2**40, r"base_config\.vocab_size must be an integer in \[1, 1048576\]"),
+    ("n_layers", 2.0, r"base_config\.n_layers must be an integer"),
+    ("n_heads", True, r"base_config\.n_heads must be an integer"),
+    ("context_length", "256", r"base_config\.context_length must be an integer"),
+    ("layer_norm_eps", "1e-5", r"base_config\.layer_norm_eps must be a number"),
+    ("drop_rate", None, r"base_config\.drop_rate must lie in \[0, 1\)"),
+    ("n_positions", 256, r"base_config has unknown field\(s\), got \['n_positions'\]"),
+])
+def test_crafted_base_config_is_refused_before_anything_is_sized_by_it(
+        trained_like, tmp_path, monkeypatch, field, value, message):
+    """A huge size fails at once: nothing is looped over or allocated by it first."""
+    import json
+
+    def never(spec):
+        raise AssertionError(f"tensor_shapes ran for {spec.base_config}")
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, tiny_spec(trained_like), path)
+    meta = json.loads(tiny_spec(trained_like).to_metadata()["spamlora"])
+    meta["spec"]["base_config"][field] = value
+    save_file(load_file(path), tmp_path / "bad.safetensors",
+              metadata={"spamlora": json.dumps(meta)})
+    monkeypatch.setattr(AdapterSpec, "tensor_shapes", never)
+    with pytest.raises(AdapterError, match=f"bad.safetensors: adapter metadata {message}"):
+        read_adapter(tmp_path / "bad.safetensors")
 
 
 def test_a_damaged_base_is_refused_by_load_classifier_and_the_predictor(tiny_gpt2, adapter,

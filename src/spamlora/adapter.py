@@ -8,7 +8,9 @@ settings, number of classes, max length.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +27,14 @@ ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
 # would make two identical trainings' adapter files differ byte for byte.
 METADATA_KEY = "spamlora"
+# Bounds on the base config an adapter file describes, checked before anything is sized
+# or looped over by it (`tensor_shapes` makes entries per layer). Far above GPT-2 XL
+# (48 layers, width 1,600, 25 heads, 1,024 positions, 50,257 tokens) and above any
+# common BPE vocabulary (at most ~262k), yet small enough that a crafted file cannot
+# make a loop run for ever or a table fill the memory.
+MAX_BASE_CONFIG = {"n_layers": 256, "emb_dim": 16384, "n_heads": 16384,
+                   "vocab_size": 1 << 20, "context_length": 1 << 20}
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class AdapterError(SpamloraError, ValueError):
@@ -49,31 +59,43 @@ class AdapterSpec:
 
     def check(self, source: str) -> AdapterSpec:
         """The same rules as params.yaml's, plus bounds a file could otherwise abuse (a
-        crafted rank would size every layer's A before any shape is compared)."""
+        crafted rank would size every layer's A, a crafted n_layers would make
+        `tensor_shapes` loop for ever, before any shape is compared). Each rule reads
+        only fields checked before it."""
         cfg = self.base_config
+        if not isinstance(cfg, GPTConfig):
+            raise _invalid(source, "base_config", "must be a GPT-2 config", cfg)
+        check_base_config(asdict(cfg), source)
+        targets = self.targets
         rules = [
-            (isinstance(self.base_model, str), "base_model", "must be a string"),
-            (_is_int(self.rank) and 1 <= self.rank <= cfg.emb_dim, "rank",
+            (lambda: isinstance(self.base_model, str), "base_model", "must be a string"),
+            (lambda: _is_int(self.rank) and 1 <= self.rank <= cfg.emb_dim, "rank",
              f"must be an integer in [1, {cfg.emb_dim}] (the base's width)"),
-            (_is_number(self.alpha) and 0 < self.alpha < float("inf"), "alpha",
+            (lambda: _is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
              "must be a positive number"),
-            (_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
+            (lambda: _is_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
              "must lie in [0, 1)"),
-            (len(self.targets) > 0 and set(self.targets) <= set(TARGET_MODULES), "targets",
-             f"must be a non-empty subset of {list(TARGET_MODULES)}"),
-            (self.num_classes == 2, "num_classes", "must be 2 (spam/ham)"),
-            (_is_int(self.max_length) and 1 <= self.max_length <= cfg.context_length,
+            (lambda: isinstance(targets, tuple) and len(targets) > 0
+             and all(isinstance(t, str) and t in TARGET_MODULES for t in targets)
+             and len(set(targets)) == len(targets), "targets",
+             f"must be a non-empty subset of {list(TARGET_MODULES)}, each named once"),
+            (lambda: _is_int(self.num_classes) and self.num_classes == 2, "num_classes",
+             "must be 2 (spam/ham)"),
+            (lambda: _is_int(self.max_length) and 1 <= self.max_length <= cfg.context_length,
              "max_length", f"must be an integer in [1, {cfg.context_length}]"),
-            (_is_int(self.pad_id) and 0 <= self.pad_id < cfg.vocab_size, "pad_id",
+            (lambda: _is_int(self.pad_id) and 0 <= self.pad_id < cfg.vocab_size, "pad_id",
              f"must be a token id in [0, {cfg.vocab_size})"),
-            (self.init in LORA_INITS, "init", f"must be one of {list(LORA_INITS)}"),
-            (self.base_sha256 is None or isinstance(self.base_sha256, dict), "base_sha256",
-             "must be a mapping or null"),
+            (lambda: isinstance(self.init, str) and self.init in LORA_INITS, "init",
+             f"must be one of {list(LORA_INITS)}"),
+            (lambda: self.base_sha256 is None or (
+                isinstance(self.base_sha256, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) and SHA256.fullmatch(v)
+                    for k, v in self.base_sha256.items())), "base_sha256",
+             "must be null or map file names to sha256 hex digests"),
         ]
         for ok, field, rule in rules:
-            if not ok:
-                raise AdapterError(f"{source}: adapter metadata {field} {rule}, got "
-                                   f"{getattr(self, field)!r}")
+            if not ok():
+                raise _invalid(source, field, rule, getattr(self, field))
         return self
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -110,12 +132,42 @@ class AdapterSpec:
         try:
             # Adapters written before `init` was recorded were all trained `textbook`.
             d = {"init": "textbook", **stored["spec"]}
-            d["base_config"] = GPTConfig(**d["base_config"])
+            d["base_config"] = GPTConfig(**check_base_config(d["base_config"], source))
+            if not isinstance(d["targets"], list):
+                raise TypeError(f"targets must be a list, got {d['targets']!r}")
             d["targets"] = tuple(d["targets"])
             spec = cls(**d)
+        except AdapterError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{source}: unreadable adapter metadata: {e}") from None
         return spec.check(source)
+
+
+def _invalid(source: str, field: str, rule: str, value: object) -> AdapterError:
+    return AdapterError(f"{source}: adapter metadata {field} {rule}, got {value!r}")
+
+
+def check_base_config(config: object, source: str) -> dict:
+    """`config` (an adapter's base_config mapping) with every field checked: each size an
+    integer within `MAX_BASE_CONFIG`, before anything is sized or looped over by it."""
+    if not isinstance(config, dict):
+        raise _invalid(source, "base_config", "must be a mapping", config)
+    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)}, key=str)
+    if unknown:
+        raise _invalid(source, "base_config", "has unknown field(s)", unknown)
+    for name, most in MAX_BASE_CONFIG.items():
+        value = config.get(name, getattr(GPTConfig, name))
+        if not (_is_int(value) and 1 <= value <= most):
+            raise _invalid(source, f"base_config.{name}", f"must be an integer in [1, {most}]",
+                           value)
+    drop_rate = config.get("drop_rate", GPTConfig.drop_rate)
+    if not (_is_number(drop_rate) and 0 <= drop_rate < 1):
+        raise _invalid(source, "base_config.drop_rate", "must lie in [0, 1)", drop_rate)
+    eps = config.get("layer_norm_eps", GPTConfig.layer_norm_eps)
+    if not (_is_number(eps) and 0 < eps < 1):
+        raise _invalid(source, "base_config.layer_norm_eps", "must be a number in (0, 1)", eps)
+    return config
 
 
 def _is_int(value: object) -> bool:
