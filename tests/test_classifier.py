@@ -378,6 +378,54 @@ def test_crafted_base_config_is_refused_before_anything_is_sized_by_it(
         read_adapter(tmp_path / "bad.safetensors")
 
 
+def data_region(path):
+    """Where a safetensors file's tensor bytes start: after the 8-byte header length and
+    the JSON header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_an_adapter_with_flipped_tensor_bytes_is_refused(tiny_gpt2, trained_like, tmp_path,
+                                                        caplog):
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, tiny_spec(trained_like), path)
+    with caplog.at_level("WARNING"):
+        read_adapter(path)  # intact: loads, and says nothing
+    assert "digest" not in caplog.text
+    start = data_region(path)
+    data = bytearray(path.read_bytes())
+    middle = (start + len(data)) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match=r"flipped\.safetensors: damaged: its tensors "
+                                           r"have sha256 [0-9a-f]{64}, not the"):
+        read_adapter(tmp_path / "flipped.safetensors")
+    with pytest.raises(AdapterError, match="damaged"):
+        load_classifier(tiny_gpt2, tmp_path / "flipped.safetensors")
+
+
+def test_an_adapter_saved_before_digests_loads_with_a_warning(trained_like, tmp_path,
+                                                              caplog):
+    import json
+
+    spec = tiny_spec(trained_like)
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_like, spec, path)
+    meta = json.loads(spec.to_metadata()["spamlora"])
+    assert "tensors_sha256" not in meta  # the metadata such adapters carry
+    save_file(load_file(path), tmp_path / "old.safetensors",
+              metadata={"spamlora": json.dumps(meta)})
+    with caplog.at_level("WARNING"):
+        old_spec, tensors = read_adapter(tmp_path / "old.safetensors")
+    assert old_spec == spec and set(tensors) == set(load_file(path))
+    assert "old.safetensors: carries no digest of its tensors" in caplog.text
+    meta["tensors_sha256"] = "not a digest"
+    save_file(load_file(path), tmp_path / "bad.safetensors",
+              metadata={"spamlora": json.dumps(meta)})
+    with pytest.raises(AdapterError, match="tensors_sha256 must be a sha256 hex digest"):
+        read_adapter(tmp_path / "bad.safetensors")
+
+
 def test_a_damaged_base_is_refused_by_load_classifier_and_the_predictor(tiny_gpt2, adapter,
                                                                         tmp_path):
     from spamlora.predictor import Predictor

@@ -2,12 +2,14 @@
 
 It holds only the LoRA matrices and the new head, plus, in its safetensors metadata,
 everything needed to rebuild the classifier on the public base model: base config, LoRA
-settings, number of classes, max length.
+settings, number of classes, max length; and the sha256 of its tensors, checked on reading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +29,9 @@ ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
 # would make two identical trainings' adapter files differ byte for byte.
 METADATA_KEY = "spamlora"
+# Beside "spec" in that metadata: `tensors_sha256` of the tensors as saved. Adapters
+# written before it was recorded carry none; they load, with a warning.
+DIGEST_KEY = "tensors_sha256"
 # Bounds on the base config an adapter file describes, checked before anything is sized
 # or looped over by it (`tensor_shapes` makes entries per layer). Far above GPT-2 XL
 # (48 layers, width 1,600, 25 heads, 1,024 positions, 50,257 tokens) and above any
@@ -35,6 +40,8 @@ METADATA_KEY = "spamlora"
 MAX_BASE_CONFIG = {"n_layers": 256, "emb_dim": 16384, "n_heads": 16384,
                    "vocab_size": 1 << 20, "context_length": 1 << 20}
 SHA256 = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(SpamloraError, ValueError):
@@ -113,22 +120,20 @@ class AdapterSpec:
                 shapes[f"{path}.B"] = (self.rank, out_dim)
         return shapes
 
-    def to_metadata(self) -> dict[str, str]:
+    def to_metadata(self, tensors_sha256: str | None = None) -> dict[str, str]:
+        """The file's metadata; `tensors_sha256`: the digest of its tensors
+        (`tensors_digest`), which `save_adapter` always records."""
         d = asdict(self)
         d["base_config"] = asdict(self.base_config)
         d["targets"] = list(self.targets)
-        return {METADATA_KEY: json.dumps({"format": ADAPTER_FORMAT, "spec": d},
-                                         sort_keys=True)}
+        stored = {"format": ADAPTER_FORMAT, "spec": d}
+        if tensors_sha256 is not None:
+            stored[DIGEST_KEY] = tensors_sha256
+        return {METADATA_KEY: json.dumps(stored, sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str] | None, source: str) -> AdapterSpec:
-        try:
-            stored = json.loads((meta or {})[METADATA_KEY])
-        except (KeyError, ValueError):
-            stored = {}
-        if not isinstance(stored, dict) or stored.get("format") != ADAPTER_FORMAT:
-            raise AdapterError(f"{source}: not a spamlora adapter (no {ADAPTER_FORMAT!r} "
-                               f"metadata)")
+        stored = _stored_metadata(meta, source)
         try:
             # Adapters written before `init` was recorded were all trained `textbook`.
             d = {"init": "textbook", **stored["spec"]}
@@ -142,6 +147,18 @@ class AdapterSpec:
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{source}: unreadable adapter metadata: {e}") from None
         return spec.check(source)
+
+
+def _stored_metadata(meta: dict[str, str] | None, source: str) -> dict:
+    """The JSON object stored under `METADATA_KEY`, with the right format."""
+    try:
+        stored = json.loads((meta or {})[METADATA_KEY])
+    except (KeyError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict) or stored.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{source}: not a spamlora adapter (no {ADAPTER_FORMAT!r} "
+                           f"metadata)")
+    return stored
 
 
 def _invalid(source: str, field: str, rule: str, value: object) -> AdapterError:
@@ -183,21 +200,41 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of named tensors: for each in name order, its name, dtype and shape
+    (one JSON line), then its bytes in this machine's order (little-endian, as safetensors
+    stores them, on x86 and ARM)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        line = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        digest.update(line.encode() + b"\n")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_adapter(model: nn.Module, spec: AdapterSpec, path: str | Path) -> None:
+    """Write the adapter file: the trainable tensors, and in the metadata the spec and
+    the tensors' digest, which `read_adapter` checks."""
+    tensors = trainable_state(model)
     with atomic_path(path) as tmp:
-        save_file(trainable_state(model), str(tmp), metadata=spec.to_metadata())
+        save_file(tensors, str(tmp), metadata=spec.to_metadata(tensors_digest(tensors)))
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
     """The spec and tensors of an adapter file, every field validated and every tensor's
     name and shape checked against the spec from the file's header, before any tensor is
-    read or any model built."""
+    read or any model built; then the tensors checked against the digest saved with them
+    (an adapter written before digests were recorded loads, with a warning)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter not found (train one with `dvc repro train`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             spec = AdapterSpec.from_metadata(f.metadata(), str(path))
+            want = _stored_metadata(f.metadata(), str(path)).get(DIGEST_KEY)
+            if want is not None and not (isinstance(want, str) and SHA256.fullmatch(want)):
+                raise _invalid(str(path), DIGEST_KEY, "must be a sha256 hex digest", want)
             expected = spec.tensor_shapes()
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             missing, unexpected = sorted(set(expected) - set(stored)), sorted(
@@ -213,6 +250,13 @@ def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]
     except SafetensorError as e:
         raise AdapterError(f"{path}: unreadable adapter file (truncated or corrupt?): "
                            f"{e}") from None
+    if want is None:
+        log.warning("%s: carries no digest of its tensors (written before spamlora "
+                    "recorded one), so damage to it cannot be detected", path)
+    elif (got := tensors_digest(tensors)) != want:
+        raise AdapterError(f"{path}: damaged: its tensors have sha256 {got}, not the "
+                           f"{want} recorded when it was saved; restore it (the "
+                           f"pipeline's: `dvc checkout data/train`) or train it again")
     return spec, tensors
 
 
