@@ -536,3 +536,108 @@ def test_an_auto_precision_checkpoint_resumes_only_where_auto_resolves_the_same(
     assert read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY] == killed.info.run_id
     assert client.get_run(killed.info.run_id).info.status == "FINISHED"
     assert len(client.search_runs([experiment_id])) == 2
+
+
+def test_a_new_store_is_created_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A full disk while MLflow created its tables left a half-built mlflow.db that broke
+    every later run (issue 31, item 5)."""
+    from spamlora import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow.MlflowClient, "create_experiment", full)
+        with pytest.raises(SpamloraError, match=r"could not create the MLflow store .*"
+                                                r"mlflow\.db: .*No space left on device.*"
+                                                r"nothing was left behind"):
+            tracking._client()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]
+    client = tracking._client()
+    assert (tmp_path / STORE_FILE).is_file()
+    assert client.get_experiment_by_name(EXPERIMENT).artifact_location == (
+        tmp_path / ARTIFACT_DIR).as_uri()
+
+
+def test_a_half_built_store_without_runs_is_moved_aside_and_rebuilt(tmp_path, monkeypatch,
+                                                                     capsys):
+    import sqlite3
+
+    from spamlora import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:  # as a migration cut short leaves it
+        db.execute("create table spans (id integer)")
+    tracking._client()
+    out = capsys.readouterr().out
+    assert "was left half-built (no runs in it): moved to mlflow.db.half-built-" in out
+    (aside,) = tmp_path.glob("mlflow.db.half-built-*")  # moved, never deleted
+    with sqlite3.connect(aside) as db:
+        assert db.execute("select name from sqlite_master").fetchall() == [("spans",)]
+    run_id = tracking.create_run("train", {"k": 1}, "gpt2", tracking.RunInputs({}, {}, []))
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"
+    tracking._client()  # a store with runs in it is never judged half-built
+    assert len(list(tmp_path.glob("mlflow.db.half-built-*"))) == 1
+
+
+def test_clones_sharing_an_external_store_lock_it_and_keep_artifacts_beside_it(tmp_path):
+    """The lock was <repo>/mlflow.db.lock, another file in each clone, so two clones
+    raced on a new shared store; and the artifacts went where the first clone's stage
+    ran (issue 31, items 4 and 6)."""
+    shared = tmp_path / "shared" / "store.db"
+    code = ("from spamlora.tracking import RunInputs, create_run; "
+            "create_run('train', {'k': 1}, 'gpt2', RunInputs({}, {}, []))")
+    procs = []
+    for clone in ("clone-a", "clone-b", "clone-a", "clone-b"):
+        (tmp_path / clone).mkdir(exist_ok=True)
+        env = {**os.environ, "DVC_ROOT": str(tmp_path / clone),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{shared}"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path / clone,
+                                      env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    client = mlflow.MlflowClient(f"sqlite:///{shared}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert len(client.search_runs([experiment.experiment_id])) == 4
+    assert experiment.artifact_location == (shared.parent / ARTIFACT_DIR).as_uri()
+    assert (shared.parent / "store.db.lock").exists()
+    assert not any((tmp_path / clone / "mlflow.db.lock").exists()
+                   for clone in ("clone-a", "clone-b"))
+
+
+def test_an_experiment_keeping_artifacts_in_a_dvc_temp_folder_is_refused(tmp_path,
+                                                                         monkeypatch):
+    from spamlora import tracking
+
+    store = tmp_path / "store.db"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    doomed = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12" / "mlruns"
+    mlflow.MlflowClient(f"sqlite:///{store}").create_experiment(
+        EXPERIMENT, artifact_location=doomed.as_uri())
+    with pytest.raises(SpamloraError, match=r"inside a DVC temporary folder that DVC "
+                                            r"deletes"):
+        tracking._client()
+
+
+def test_promote_refuses_a_model_whose_files_are_gone(workspace):
+    from spamlora.registry import PromotionError
+
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, epochs=1, precision="fp32"))
+    stage_main("train")(params)
+    run_id = read_json(Paths(workspace).metrics("train"))[RUN_ID_KEY]
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / STORE_FILE}")
+    (model,) = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    folder = Path(urllib.request.url2pathname(model.artifact_location.removeprefix("file://")))
+    shutil.rmtree(folder)  # as DVC deletes a --temp experiment's folder
+    with pytest.raises(PromotionError, match=rf"the model of run {run_id} has no files "
+                                             r"any more"):
+        promote(run_id=run_id)
+    assert client.search_registered_models() == []  # nothing registered

@@ -11,6 +11,7 @@ training (tagged `spamlora.training_run`) promotes the model of the run that tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import SpamloraError
 from .mlflow_model import MODEL_NAME
@@ -183,6 +184,24 @@ def _logged_model(client, run) -> object | None:
     return models[0] if models else None
 
 
+def check_model_files(model) -> None:
+    """A logged model whose files are gone (its artifacts were kept in a folder that
+    was deleted, e.g. a `dvc exp run --temp` workspace) cannot be served: refuse it
+    before anything is registered. Only local artifact stores can be looked at here."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    location = model.artifact_location or ""
+    if urlparse(location).scheme not in ("", "file"):
+        return  # a server's or a bucket's: MLflow reports what it cannot fetch
+    folder = Path(url2pathname(urlparse(location).path)) if "://" in location else Path(
+        location)
+    if not (folder / "MLmodel").is_file():
+        raise PromotionError(f"the model of run {model.source_run_id} has no files any more "
+                             f"({folder} holds no MLmodel): its artifacts were deleted. "
+                             f"Rerun its training to log it again.")
+
+
 def model_run(client, run):
     """The run holding the model of `run`'s results: itself, or the training run it
     reused (which must be in the store and not deleted)."""
@@ -224,7 +243,9 @@ def promote(run_id: str | None = None, exp: str | None = None, best: str | None 
     for tag in ("dvc.exp_name", "git.commit"):
         if tag in chosen.data.tags:
             tags[tag] = chosen.data.tags[tag]
-    version = mlflow.register_model(_logged_model(client, source).model_uri, name,
+    logged = _logged_model(client, source)
+    check_model_files(logged)
+    version = mlflow.register_model(logged.model_uri, name,
                                     tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return Promotion(name, str(version.version), alias, source.info.run_id,

@@ -92,23 +92,88 @@ def version_tags(stage: str, cwd: Path) -> dict[str, str]:
     return tags
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file a `sqlite:///...` tracking URI names (None for a server)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).absolute()
+
+
 @contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
-    """Serialise store set-up: parallel queue workers otherwise race to create the
-    SQLite tables (an alembic migration error) and the experiment. `filelock` locks the
-    same way on POSIX and Windows."""
-    with FileLock(root / f"{STORE_FILE}.lock"):
+def _store_lock(uri: str, root: Path) -> Iterator[None]:
+    """Serialise store set-up: parallel queue workers, and clones sharing one external
+    store, otherwise race to create the SQLite tables (an alembic migration error) and
+    the experiment. The lock lies beside the SQLite file the URI names (a server's
+    set-up is the server's: then per repository). `filelock` locks the same way on
+    POSIX and Windows."""
+    store = sqlite_path(uri)
+    with FileLock((store.parent / f"{store.name}.lock") if store else
+                  root / f"{STORE_FILE}.lock"):
         yield
 
 
-def _experiment_id(client, root: Path, default_store: bool) -> str:
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite store (an absolute, stable
+    folder, whichever stage or workspace creates it; a `--temp` experiment's own folder
+    is deleted after it), or, for a server, where the server puts them (None)."""
+    store = sqlite_path(uri)
+    return (store.parent / ARTIFACT_DIR).as_uri() if store else None
+
+
+def _create_store(uri: str, store: Path) -> None:
+    """A new SQLite store, built under a temporary name beside it and renamed into
+    place once its tables and experiment exist: a full disk or a kill half-way leaves
+    no half-built `store` behind, only nothing."""
+    import mlflow
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own each time: MLflow keeps a store open per URI.
+    tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=sqlite_uri(tmp))
+        client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+        with contextlib.suppress(AttributeError):  # let go of the file (Windows)
+            client._tracking_client.store.engine.dispose()
+        os.replace(tmp, store)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or "disk" in str(e).lower():
+            raise SpamloraError(f"could not create the MLflow store {store}: {e}; nothing "
+                                f"was left behind (free space in {store.parent}?)") from None
+        raise
+
+
+def _half_built(store: Path) -> bool:
+    """Whether `store` is a SQLite file MLflow began but never finished (no
+    alembic_version row, or no experiments table) and that holds no runs: such a file
+    breaks every later start ("table ... already exists")."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("select name from sqlite_master where "
+                                               "type = 'table'")}
+            if "runs" in tables and db.execute("select count(*) from runs").fetchone()[0]:
+                return False
+            version = (db.execute("select version_num from alembic_version").fetchall()
+                       if "alembic_version" in tables else [])
+            return not version or "experiments" not in tables
+    except sqlite3.DatabaseError:
+        return False  # not ours to judge: MLflow's own error will name it
+
+
+def _experiment_id(client, uri: str) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A temp experiment's workspace is deleted after the run: artifacts must live at the
-    # repository root, not in the default ./mlruns of the stage's working directory.
-    location = (root / ARTIFACT_DIR).as_uri() if default_store else None
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    if experiment is None:
+        return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+    location = experiment.artifact_location or ""
+    if "/.dvc/tmp/" in location.replace("\\", "/"):
+        raise SpamloraError(
+            f"the experiment {EXPERIMENT!r} in {redacted(uri)} keeps its artifacts in "
+            f"{location}, inside a DVC temporary folder that DVC deletes: logged models "
+            f"would vanish. Create the experiment anew (`mlflow experiments rename` this "
+            f"one) or use another store.")
+    return experiment.experiment_id
 
 
 def redacted(uri: str) -> str:
@@ -160,18 +225,25 @@ def connect():
 
 def _client():
     """The store's client, the store set up (tables, experiment) under a lock: parallel
-    queue workers otherwise race to create a fresh SQLite store."""
+    queue workers otherwise race to create a fresh SQLite store. A new SQLite store is
+    created whole or not at all (`_create_store`); one that an earlier version left
+    half-built, holding no runs, is moved aside (never deleted) and built anew."""
     import mlflow
 
-    root = repo_root()
-    # Read before set_tracking_uri, which also exports MLFLOW_TRACKING_URI.
-    default_store = "MLFLOW_TRACKING_URI" not in os.environ
-    uri = tracking_uri(root)
+    uri = tracking_uri(repo_root())
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    with _store_lock(root):
+    store = sqlite_path(uri)
+    with _store_lock(uri, repo_root()):
+        if store is not None and store.is_file() and _half_built(store):
+            aside = store.with_name(f"{store.name}.half-built-{int(time.time())}")
+            os.replace(store, aside)
+            print(f"MLflow store {store} was left half-built (no runs in it): moved to "
+                  f"{aside.name} and created anew")
+        if store is not None and not store.is_file():
+            _create_store(uri, store)
         client = mlflow.MlflowClient()
-        _experiment_id(client, root, default_store)
+        _experiment_id(client, uri)
     return client
 
 
