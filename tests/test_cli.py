@@ -277,3 +277,17 @@ def test_a_pipe_is_read_once_and_an_excel_bom_is_dropped(capsys, adapter, tiny_g
     _, out, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--file",
                         str(tmp_path / "bom.txt"))
     assert json.loads(out)["text"] == "hello"
+
+
+def test_ctrl_c_in_predict_stops_with_130_and_no_traceback(capsys, adapter, tiny_gpt2,
+                                                           monkeypatch, tmp_path):
+    """Issue 31, item 12: exit 130 was right, the KeyboardInterrupt traceback was not."""
+    from spamlora.predictor import Predictor
+
+    def interrupted(self, texts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Predictor, "spam_probabilities", interrupted)
+    (tmp_path / "m.txt").write_text("one\ntwo\n")
+    code, out, err = predict(capsys, adapter, tiny_gpt2, "--file", str(tmp_path / "m.txt"))
+    assert code == 130 and err.strip() == "spamlora predict: stopped"

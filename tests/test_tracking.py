@@ -641,3 +641,34 @@ def test_promote_refuses_a_model_whose_files_are_gone(workspace):
                                              r"any more"):
         promote(run_id=run_id)
     assert client.search_registered_models() == []  # nothing registered
+
+
+def test_a_damaged_store_is_one_sentence_naming_it(tmp_path):
+    """`database disk image is malformed` came as a traceback from promote and the
+    evaluate stage (issue 31, item 12). Each check is a fresh process, as in use."""
+    env = {**os.environ, "DVC_ROOT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def python(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    made = python("from spamlora.tracking import RunInputs, create_run; "
+                  "create_run('train', {'k': 1}, 'gpt2', RunInputs({}, {}, []))")
+    assert made.returncode == 0, made.stderr
+    store = tmp_path / STORE_FILE
+    data = bytearray(store.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the schema page, after the header
+    store.write_bytes(bytes(data))
+    opened = python("from spamlora import tracking\n"
+                    "try:\n    tracking._client()\n"
+                    "except tracking.SpamloraError as e:\n    print(e)")
+    assert opened.returncode == 0, opened.stderr
+    assert opened.stdout.startswith(f"the MLflow store {store} is damaged (SQLite: ")
+    assert "Restore it from a backup, or move it aside" in opened.stdout
+    promoted = python("import sys; from spamlora.cli import main; "
+                      "sys.exit(main(['promote', '--best', 'validation.accuracy']))")
+    assert promoted.returncode == 1
+    assert f"the MLflow store {store} is damaged" in promoted.stderr
+    assert "Traceback" not in promoted.stderr
+    assert store.read_bytes() == bytes(data)  # left as it was

@@ -18,6 +18,7 @@ from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .paths import Paths
 from .presets import PRESETS
+from .stage import INTERRUPTED_STATUS
 
 
 class UsageError(SpamloraError):
@@ -361,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: what was printed stands, no traceback
+        print(f"spamlora {args.command}: stopped", file=sys.stderr)
+        return INTERRUPTED_STATUS
     return 0
 
 

@@ -220,7 +220,32 @@ def connect():
                             f"pipeline first, or set MLFLOW_TRACKING_URI")
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient()
+    with damaged_store_is_an_error(uri):
+        client = mlflow.MlflowClient()
+        client.get_experiment_by_name(EXPERIMENT)  # opens the store
+    return client
+
+
+# What SQLite says of a file that is not (or no longer) a database.
+DAMAGED = ("database disk image is malformed", "file is not a database")
+
+
+@contextlib.contextmanager
+def damaged_store_is_an_error(uri: str) -> Iterator[None]:
+    """A damaged SQLite store as one sentence naming the file and what to do, not a
+    traceback from deep inside SQLAlchemy."""
+    try:
+        yield
+    except Exception as e:
+        store = sqlite_path(uri)
+        if store is None or not any(d in str(e) for d in DAMAGED):
+            raise
+        raise SpamloraError(
+            f"the MLflow store {store} is damaged (SQLite: "
+            f"{next(d for d in DAMAGED if d in str(e))}). Restore it from a backup, or "
+            f"move it aside (e.g. `mv {store} {store}.damaged`) "
+            f"and rerun: a new store is created, and rerunning the stages logs their "
+            f"runs again") from None
 
 
 def _client():
@@ -242,8 +267,9 @@ def _client():
                   f"{aside.name} and created anew")
         if store is not None and not store.is_file():
             _create_store(uri, store)
-        client = mlflow.MlflowClient()
-        _experiment_id(client, uri)
+        with damaged_store_is_an_error(uri):
+            client = mlflow.MlflowClient()
+            _experiment_id(client, uri)
     return client
 
 
