@@ -53,6 +53,11 @@ def mlflow_runs(ws):
 
 def test_repro_writes_every_output(pipeline):
     ws, out, server = pipeline
+    paths = Paths(ws)
+    # Folder outputs too are links into DVC's cache, not second copies (issue 31, item 11)
+    for folder in (paths.raw_dir, paths.base_model, paths.adapter.parent):
+        for file in folder.iterdir():
+            assert file.stat().st_nlink >= 2, f"{file} is a copy of DVC's cache"
     for stage in ("download_data", "balance", "split", "download_model", "train",
                   "evaluate", "plot"):
         assert f"Running stage '{stage}'" in out
