@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
+from .fileio import no_space_message
 from .paths import Paths
 from .presets import PRESETS
 from .stage import INTERRUPTED_STATUS
@@ -362,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except OSError as e:
+        if (message := no_space_message(e)) is None:
+            raise
+        print(f"spamlora {args.command}: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: what was printed stands, no traceback
         print(f"spamlora {args.command}: stopped", file=sys.stderr)
         return INTERRUPTED_STATUS

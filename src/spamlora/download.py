@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import SpamloraError
-from .fileio import atomic_path
+from .fileio import atomic_path, ensure_space
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -79,6 +79,8 @@ def _fetch_once(url: str, tmp: Path, timeout: float, desc: str) -> tuple[str, in
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
+            if expected is not None:
+                ensure_space(tmp.parent, expected, f"downloading {url}")
             with open(tmp, "wb") as out, tqdm(
                 total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=desc, disable=None, leave=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -93,6 +94,47 @@ def _default_mode(mode: int) -> int:
         umask = os.umask(0)
         os.umask(umask)
     return mode & ~umask
+
+
+class NoSpaceError(SpamloraError, OSError):
+    pass
+
+
+# Left free beyond what a write needs: SQLite's journal, DVC's lock and state files.
+SPACE_MARGIN = 64 << 20
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def ensure_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse, before writing, `needed` bytes into `folder` that its file system cannot
+    hold (with SPACE_MARGIN to spare): a disk that fills half-way leaves DVC's and
+    SQLite's own files cut short too."""
+    free = free_bytes(folder)
+    if free < needed + SPACE_MARGIN:
+        raise NoSpaceError(f"{folder}: {what} needs {needed:,} bytes (and "
+                           f"{SPACE_MARGIN >> 20} MiB to spare), but {free:,} are free "
+                           f"there")
+
+
+def no_space_message(error: BaseException) -> str | None:
+    """One line for a full disk met anywhere (errno ENOSPC, or SQLite's "database or
+    disk is full"), naming the file and what is free; None for any other error."""
+    name = getattr(error, "filename", None)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = Path(name) if name else Path.cwd()
+        return (f"no space left on device writing {name or 'a file'} ({free_bytes(where):,}"
+                f" bytes free there): free some, then rerun; nothing half-written is used")
+    if "database or disk is full" in str(error):
+        return ("no space left on device for the MLflow store (SQLite: database or disk "
+                "is full): free some, then rerun")
+    return None
 
 
 def link_or_copy(src: str | Path, dest: str | Path) -> None:

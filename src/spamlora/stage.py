@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from .config import Params, load_params
 from .errors import Interrupted, SpamloraError
+from .fileio import no_space_message
 from .process import stop_signals
 
 PARAMS_FILE = "params.yaml"
@@ -35,3 +36,8 @@ def run(main: Callable[[Params], None], params_file: str = PARAMS_FILE) -> None:
     except SpamloraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(INTERRUPTED_STATUS if isinstance(e, Interrupted) else 1)
+    except Exception as e:
+        if (message := no_space_message(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
