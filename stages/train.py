@@ -97,10 +97,11 @@ def main(params: Params) -> None:
                                 should_stop=stop.requested))
         stop.restore()
         if main_process:
-            steps.sync(history)
-            mlflow.log_metric("train_seconds", time.perf_counter() - start)
-            save_adapter(model, spec, paths.adapter)
-            log_model(paths.adapter, base_reference(params, paths))
+            with tracking.unanswered_is_resumable():  # the checkpoint is kept
+                steps.sync(history, final=True)
+                mlflow.log_metric("train_seconds", time.perf_counter() - start)
+                save_adapter(model, spec, paths.adapter)
+                log_model(paths.adapter, base_reference(params, paths))
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({

@@ -32,6 +32,7 @@ from spamlora.tracking import (
     STAGES_TAG,
     STORE_FILE,
     TRAINING_RUN_TAG,
+    UNAVAILABLE,
     file_md5,
 )
 
@@ -272,30 +273,34 @@ def test_parallel_workers_creating_a_fresh_store_all_land(tmp_path):
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
-@pytest.fixture
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQL backend and an artifact store."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port`, its SQL backend and artifacts in
+    `root`, once it answers."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
          str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(uri + "/health", timeout=2).close()
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return proc
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 90 s")
-    yield uri, proc, root
+    proc.kill()
+    pytest.fail("mlflow server did not start in 90 s")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQL backend and an artifact store."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = start_mlflow_server(root, port)
+    yield f"http://127.0.0.1:{port}", proc, root
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -672,3 +677,47 @@ def test_a_damaged_store_is_one_sentence_naming_it(tmp_path):
     assert f"the MLflow store {store} is damaged" in promoted.stderr
     assert "Traceback" not in promoted.stderr
     assert store.read_bytes() == bytes(data)  # left as it was
+
+
+@pytest.mark.e2e
+def test_a_server_that_dies_mid_training_costs_a_rerun_and_nothing_else(workspace,
+                                                                        mlflow_server):
+    """It stalled training for ~9 minutes of retries, then a ~230-line traceback, the
+    run left RUNNING (issue 31, item 7). Now training goes on without it, the stage ends
+    with one line, the checkpoint stays, and a rerun once the server is back resumes the
+    same run and logs every step exactly once."""
+    uri, proc, root = mlflow_server
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"epochs": 3, "precision": "fp32", "checkpoint_seconds": 0})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_ROOT": str(workspace), "MLFLOW_TRACKING_URI": uri}
+    command = [sys.executable, str(REPO / "stages" / "train.py")]
+    stage = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    while not list((workspace / FOLDER).glob("*/step-*.sha256")):
+        assert stage.poll() is None, stage.stdout.read()[-3000:]
+        time.sleep(0.01)
+    proc.terminate()
+    proc.wait(timeout=30)
+    out, _ = stage.communicate(timeout=300)
+    assert stage.returncode == 1, out[-3000:]
+    assert f"warning: MLflow tracking server {uri} did not answer" in out
+    assert out.strip().splitlines()[-1] == "error: " + UNAVAILABLE.format(uri), out[-2500:]
+    assert "Traceback" not in out
+    assert list((workspace / FOLDER).glob("*/step-*.sha256"))  # kept for the rerun
+    assert not Paths(workspace).metrics("train").exists()
+
+    again = start_mlflow_server(root, int(uri.rsplit(":", 1)[1]))
+    try:
+        rerun = subprocess.run(command, cwd=workspace, env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert "resuming from epoch 4, step 21" in rerun.stdout
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "step_loss")]
+        assert sorted(steps) == list(range(1, 3 * 7 + 1))  # each once
+    finally:
+        again.terminate()
+        again.wait(timeout=30)

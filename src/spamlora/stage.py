@@ -26,6 +26,9 @@ def run(main: Callable[[Params], None], params_file: str = PARAMS_FILE) -> None:
     SIGHUP, SIGBREAK: `stop_signals`) stops it as Ctrl-C does (an exception, so its
     MLflow run is ended as KILLED and no output is left half-written), with status 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # A tracking server that does not answer is said once, in a line of ours
+    # (tracking.StepLog), not in a warning per retried request.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     for signum in stop_signals():  # SIGINT too where a background shell ignored it
         signal.signal(signum, _interrupt)
     try:

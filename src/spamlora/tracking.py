@@ -176,6 +176,47 @@ def _experiment_id(client, uri: str) -> str:
     return experiment.experiment_id
 
 
+# MLflow's defaults wait ~9 minutes for a server that stopped answering (7 retries,
+# back-off factor 2, 120 s timeouts), holding training up; these bound a call to about
+# half a minute. A user's own settings win.
+SERVER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackingUnavailable(SpamloraError):
+    """The tracking server stopped answering; what was not logged can be delivered by a
+    rerun once it is back."""
+
+
+UNAVAILABLE = ("MLflow tracking server {} stopped answering; the training is done and "
+               "kept in its checkpoint: rerun the stage once the server is back, it resumes "
+               "at the end and logs what is missing")
+
+
+@contextlib.contextmanager
+def unanswered_is_resumable() -> Iterator[None]:
+    """A server that does not answer, inside, as one `TrackingUnavailable` line."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, TrackingUnavailable) or not server_unreachable(e):
+            raise
+        raise TrackingUnavailable(UNAVAILABLE.format(redacted(tracking_uri()))) from None
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server did not answer (as opposed to refusing
+    a request): the connection errors of `requests`, as MLflow raises or wraps them."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                          requests.exceptions.RetryError)):
+        return True
+    text = str(error)
+    return "Max retries exceeded" in text or "Read timed out" in text
+
+
 def redacted(uri: str) -> str:
     """`uri` with any password replaced by ***, for messages."""
     parts = urlparse(uri)
@@ -257,6 +298,9 @@ def _client():
 
     uri = tracking_uri(repo_root())
     check_reachable(uri)
+    if urlparse(uri).scheme in ("http", "https"):
+        for name, value in SERVER_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
     store = sqlite_path(uri)
     with _store_lock(uri, repo_root()):
@@ -509,6 +553,8 @@ def active_run(run_id: str, stage: str = "train") -> Iterator[object]:
     try:
         yield run
     except BaseException as e:
+        if isinstance(e, TrackingUnavailable) or server_unreachable(e):
+            raise  # nothing can be recorded; a rerun resumes this run
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
         if before != "FINISHED":
             mlflow.end_run("KILLED" if stopped else "FAILED")
@@ -544,8 +590,30 @@ class StepLog:
         epochs = self.client.get_metric_history(run_id, "val_loss")
         self.steps = max((m.step for m in steps), default=0)
         self.epochs = max((m.step for m in epochs), default=0)
+        self.down: str | None = None  # why the server did not answer, once it did not
 
-    def sync(self, history) -> None:
+    def sync(self, history, final: bool = False) -> None:
+        """Log what the run lacks. During training (not `final`) a server that does not
+        answer costs a warning, once, and nothing else: training goes on, and what is
+        not logged stays in the checkpoints. `final`: it is tried again, and a server
+        still down is a `TrackingUnavailable`."""
+        if self.down and not final:
+            return
+        try:
+            self._log(history)
+        except Exception as e:
+            if not server_unreachable(e):
+                raise
+            if final:
+                raise TrackingUnavailable(UNAVAILABLE.format(redacted(tracking_uri()))
+                                          ) from None
+            self.down = str(e).splitlines()[0][:200]
+            print(f"warning: MLflow tracking server {redacted(tracking_uri())} did not "
+                  f"answer ({self.down}): "
+                  f"training goes on; what is not logged is kept in its checkpoint",
+                  flush=True)
+
+    def _log(self, history) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
