@@ -22,6 +22,7 @@ from spamlora.config import ModelParams
 from spamlora.hub import MODEL_FILES
 from spamlora.mlflow_model import (
     BASE_MODEL_ENV,
+    MODEL_CODE,
     MODEL_NAME,
     BaseModelError,
     BaseReference,
@@ -79,10 +80,14 @@ def store(tmp_path_factory, tiny_gpt2, adapter):
             os.environ[k] = v
 
 
+# Every load in these tests refuses pickle: the logged model is code, never a pickle.
+NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+
+
 def in_fresh_process(code: str, store, **env) -> object:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"],
-                                            **env})
+                                            **NO_PICKLE, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -128,6 +133,30 @@ def test_the_logged_model_references_the_base_and_holds_no_copy(store, adapter):
     assert config["base"]["sha256"] == store["ref"].sha256
     assert set(config["base"]["sha256"]) == set(MODEL_FILES)
     assert mlflow.models.Model.load(folder / "MLmodel").signature is not None
+
+
+def logged_folder(store, run: str) -> Path:
+    (model,) = mlflow.MlflowClient(store["uri"]).search_logged_models(
+        [store["experiment_id"]], filter_string=f"source_run_id = '{store['runs'][run]}'")
+    return Path(mlflow.artifacts.download_artifacts(model.artifact_location))
+
+
+def test_the_logged_model_is_code_not_a_pickle(store, monkeypatch):
+    """Issue 25, item 16: loading a model from a shared store runs no pickle. It holds
+    the package's code file (MLflow's models from code), which builds the model from the
+    spamlora installed where it loads; a load that refuses pickle loads it."""
+    folder = logged_folder(store, "mid-exp")
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files
+    flavor = mlflow.models.Model.load(folder / "MLmodel").flavors["python_function"]
+    assert "python_model" not in flavor  # the pickle's entry
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(flavor["model_code_path"]).name == MODEL_CODE.name
+    assert (folder / MODEL_CODE.name).read_text() == MODEL_CODE.read_text()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(str(folder), model_config={"precision": "fp32"})
+    np.testing.assert_allclose(model.predict(MESSAGES)["spam_probability"],
+                               expected(store, store["adapter"]), atol=1e-4)
 
 
 def test_loading_hashes_each_base_file_once(store, tmp_path, monkeypatch):
@@ -380,7 +409,7 @@ def served(store):
     """`mlflow models serve` of the registry's `serving` alias on an ephemeral port."""
     promote(run_id=store["runs"]["high-exp"], alias="serving")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"],  # it execs `uvicorn`:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], **NO_PICKLE,  # execs `uvicorn`:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = open(store["root"] / "serve.log", "w")
     proc = subprocess.Popen(

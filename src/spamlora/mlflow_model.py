@@ -15,6 +15,9 @@ order (`find_base`):
 A base whose files differ from the reference is refused, naming the file. Loading then
 goes through `Predictor`, the code `spamlora predict` and the evaluate stage use: LoRA
 merged, packed inference, the same probabilities.
+
+The model is logged as code, not as a pickle: its code is `model_code.py`, which MLflow
+runs at load time.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ INPUT_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize rewar
 # What a logged model's `model_config` holds besides its base reference; each can be
 # overridden at load time, as can `base_model` and `download` (DownloadParams' fields).
 DEFAULT_CONFIG = {"device": "auto", "precision": "auto", "batch_size": 64, "threshold": 0.5}
+# This file, logged with each model as its code (MLflow's "models from code").
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 # What the model needs at load time besides spamlora itself (not on PyPI: the model is
 # served where spamlora is installed, `--env-manager local`).
 RUNTIME_PACKAGES = ("torch", "tiktoken", "safetensors", "numpy", "pandas", "mlflow")
@@ -249,10 +254,11 @@ def _requirements() -> list[str]:
 
 
 def log_model(adapter: Path, base: BaseReference) -> str:
-    """Log the classifier as model `MODEL_NAME` of the active run; its model URI.
-    MLflow loads it once while logging, to check that the input example scores."""
+    """Log the classifier as model `MODEL_NAME` of the active run; its model URI. Its
+    code is `MODEL_CODE`, not a pickle. MLflow loads it once while logging, to check
+    that the input example scores."""
     info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME, python_model=SpamloraModel(),
+        name=MODEL_NAME, python_model=str(MODEL_CODE),
         artifacts={ADAPTER_ARTIFACT: str(adapter)},
         model_config={"base": asdict(base), **DEFAULT_CONFIG},
         signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=_requirements())
