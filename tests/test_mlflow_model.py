@@ -26,9 +26,12 @@ from spamlora.mlflow_model import (
     MODEL_NAME,
     BaseModelError,
     BaseReference,
+    ModelConfigError,
     find_base,
+    load_predictor,
     log_model,
     model_texts,
+    read_model_config,
 )
 from spamlora.precision import resolve_device, resolve_precision
 from spamlora.predictor import Predictor
@@ -157,6 +160,99 @@ def test_the_logged_model_is_code_not_a_pickle(store, monkeypatch):
     model = mlflow.pyfunc.load_model(str(folder), model_config={"precision": "fp32"})
     np.testing.assert_allclose(model.predict(MESSAGES)["spam_probability"],
                                expected(store, store["adapter"]), atol=1e-4)
+
+
+# Where in model_config a crafted value goes, the value, and the message refusing it.
+CRAFTED = [
+    (("base", "name"), "../../../escaped",
+     r"model_config base.name must be one of \['gpt2', .*got '../../../escaped'"),
+    (("base", "sha256", "model.safetensors"), "../../x",
+     r"model_config base.sha256\['model.safetensors'\] must be 64 lowercase hex digits, "
+     r"got '../../x'"),
+    (("base", "sha256", "model.safetensors"), "A" * 64, "64 lowercase hex digits"),
+    (("base", "sha256"), {"model.safetensors": "0" * 64},
+     r"model_config base.sha256 must map each of \['config.json'"),
+    (("base", "revision"), "../../x", "model_config base.revision must be a Hub revision"),
+    (("base", "trained_from"), "relative/base",
+     "model_config base.trained_from must be an absolute path, got 'relative/base'"),
+    (("base", "url"), 7, "model_config base.url must be a URL or a folder, got 7"),
+    (("base", "unexpected"), 1, "model_config base must have exactly the keys"),
+    (("base",), None, "model_config base must have exactly the keys"),
+    (("base_model",), 7, "model_config base_model must be a folder or null, got 7"),
+    (("download", "timeout"), 0, "model_config download.timeout must be a number > 0"),
+    (("download", "retries"), 1.5, "download.retries must be an integer >= 0"),
+    (("download", "proxy"), "x", "model_config download must be a mapping with keys"),
+    (("precision",), "fp16",
+     r"model_config precision must be one of \['auto', 'fp32', 'bf16'\], got 'fp16'"),
+    (("device",), "", "model_config device must be a device name"),
+    (("batch_size",), 0, "model_config batch_size must be an integer >= 1, got 0"),
+    (("batch_size",), "64", "batch_size must be an integer >= 1, got '64'"),
+    (("threshold",), 1.5, r"model_config threshold must be a number in \[0, 1\], got 1.5"),
+    (("threshold",), float("nan"), "model_config threshold must be a number in"),
+    (("bacth_size",), 8, r"model_config has unknown keys \['bacth_size'\]"),
+]
+
+
+def crafted_config(store, keys: tuple[str, ...] = (), value: object = None) -> dict:
+    """The model_config a logged model holds, with `value` at `keys`."""
+    config = mlflow.models.Model.load(logged_folder(store, "low-exp") / "MLmodel").flavors[
+        "python_function"]["config"]
+    if keys:
+        *parents, last = keys
+        inner = config
+        for key in parents:
+            inner = inner[key]
+        inner[last] = value
+    return config
+
+
+@pytest.mark.parametrize("keys, value, error", CRAFTED)
+def test_each_crafted_model_config_value_is_refused(store, keys, value, error):
+    with pytest.raises(ModelConfigError, match=error):
+        read_model_config(crafted_config(store, keys, value))
+
+
+def test_a_model_logged_with_fewer_keys_takes_the_defaults(store):
+    config = crafted_config(store)
+    for key in ("base_model", "download", "device"):
+        del config[key]  # as a model logged by an older spamlora
+    read = read_model_config(config)
+    assert (read.base_model, read.download.retries, read.device) == (None, 3, "auto")
+    assert read.base == store["ref"]
+
+
+@pytest.mark.parametrize("keys, value, error", [CRAFTED[0], CRAFTED[1], CRAFTED[4]])
+def test_a_crafted_model_is_refused_before_it_names_a_path(store, tmp_path, monkeypatch,
+                                                           keys, value, error):
+    """A model whose MLmodel was edited (a shared store): loading refuses it with a
+    message naming the value, and writes nothing (no cache folder, no lock file), inside
+    the cache or out of it. Its trained-from folder is gone, so the cache would be next."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = shutil.copytree(logged_folder(store, "low-exp"), tmp_path / "model")
+    model = mlflow.models.Model.load(folder / "MLmodel")
+    config = crafted_config(store, keys, value)
+    config["base"]["trained_from"] = str(tmp_path / "gone")
+    model.flavors["python_function"]["config"] = config
+    model.save(folder / "MLmodel")
+    with pytest.raises(ModelConfigError, match=error):
+        mlflow.pyfunc.load_model(str(folder))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_base_folder_or_download_setting_given_at_load_time_is_used(store, tmp_path):
+    """`spamlora predict --model ... --weights DIR` and `model_config={"base_model": DIR}`
+    name the base to use (MLflow overrides only keys a model was logged with: they are
+    logged, as null and the defaults)."""
+    uri = f"runs:/{store['runs']['low-exp']}/{MODEL_NAME}"
+    changed = shutil.copytree(store["base"], tmp_path / "changed")
+    (changed / "config.json").write_text((changed / "config.json").read_text() + " ")
+    with pytest.raises(BaseModelError, match="changed/config.json has sha256"):
+        load_predictor(uri, changed, precision="fp32")
+    with pytest.raises(ModelConfigError, match="download.timeout must be a number > 0"):
+        load_predictor(uri, download={"timeout": -1})
+    copy = shutil.copytree(store["base"], tmp_path / "copy")
+    got = load_predictor(uri, copy, precision="fp32").spam_probabilities(MESSAGES)[0]
+    np.testing.assert_allclose(got, expected(store, store["adapter"]), atol=1e-4)
 
 
 def test_loading_hashes_each_base_file_once(store, tmp_path, monkeypatch):

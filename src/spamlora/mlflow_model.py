@@ -17,16 +17,20 @@ goes through `Predictor`, the code `spamlora predict` and the evaluate stage use
 merged, packed inference, the same probabilities.
 
 The model is logged as code, not as a pickle: its code is `model_code.py`, which MLflow
-runs at load time.
+runs at load time. Every `model_config` value is checked (`read_model_config`) before
+it names a file or folder: a model from a shared store may have been crafted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .hub import MODEL_FILES, file_sha256
 from .predictor import Predictor
+from .presets import PRESETS
 from .weights import base_fingerprint, fetch_model, spamlora_cache_dir
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,11 @@ SIGNATURE = ModelSignature(
 INPUT_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize reward! Call now",
                  "Are we still on for lunch tomorrow?"]
 # What a logged model's `model_config` holds besides its base reference; each can be
-# overridden at load time, as can `base_model` and `download` (DownloadParams' fields).
-DEFAULT_CONFIG = {"device": "auto", "precision": "auto", "batch_size": 64, "threshold": 0.5}
+# overridden at load time (MLflow overrides only the keys a model was logged with).
+# `base_model`: a folder holding the base, tried first; `download`: DownloadParams' fields.
+DEFAULT_CONFIG = {"base_model": None, "download": asdict(DownloadParams()), "device": "auto",
+                  "precision": "auto", "batch_size": 64, "threshold": 0.5}
+PRECISIONS = ("auto", "fp32", "bf16")
 # This file, logged with each model as its code (MLflow's "models from code").
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 # What the model needs at load time besides spamlora itself (not on PyPI: the model is
@@ -84,6 +92,24 @@ class InvalidInput(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+class ModelConfigError(SpamloraError, ValueError):
+    """A `model_config` value that log_model would not have written (a crafted or damaged
+    model, a mistyped override): refused before it names any file or folder."""
+
+
+def _config_error(key: str, must: str, value: object) -> ModelConfigError:
+    return ModelConfigError(f"model_config {key} {must}, got {value!r}")
+
+
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# One path component: a Hub revision (commit, tag, branch without `/`), never `..`.
+REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _path_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value) and "\0" not in value
+
+
 class Busy(MlflowException, TimeoutError):
     """A request the server could not score in time: HTTP 503, so a client retries."""
 
@@ -99,6 +125,37 @@ class BaseReference:
     revision: str  # the Hub commit, to find the files in a Hugging Face cache
     sha256: dict[str, str]  # every file of hub.MODEL_FILES
     trained_from: str  # the absolute folder it was trained from
+
+    def __post_init__(self):
+        """Each field as log_model writes it: the cache folder is built from the name and
+        a sha256, the Hugging Face cache is searched by the revision."""
+        if not isinstance(self.name, str) or self.name not in PRESETS:
+            raise _config_error("base.name", f"must be one of {sorted(PRESETS)}", self.name)
+        if not _path_text(self.url):
+            raise _config_error("base.url", "must be a URL or a folder", self.url)
+        if not isinstance(self.revision, str) or not REVISION_PATTERN.fullmatch(
+                self.revision):
+            raise _config_error("base.revision", "must be a Hub revision (letters, digits, "
+                                ". _ -)", self.revision)
+        if not isinstance(self.sha256, Mapping) or set(self.sha256) != set(MODEL_FILES):
+            raise _config_error("base.sha256", f"must map each of {list(MODEL_FILES)} to "
+                                "its sha256", self.sha256)
+        for file, digest in self.sha256.items():
+            if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
+                raise _config_error(f"base.sha256[{file!r}]", "must be 64 lowercase hex "
+                                    "digits", digest)
+        if not _path_text(self.trained_from) or not os.path.isabs(self.trained_from):
+            raise _config_error("base.trained_from", "must be an absolute path",
+                                self.trained_from)
+
+    @classmethod
+    def from_config(cls, value: object) -> BaseReference:
+        """The reference a model_config's `base` holds: exactly this class's fields."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(value, Mapping) or set(value) != names:
+            raise _config_error("base", f"must have exactly the keys {sorted(names)}",
+                                value)
+        return cls(**value)
 
     @classmethod
     def of_folder(cls, folder: Path, model: ModelParams) -> BaseReference:
@@ -201,16 +258,14 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.lock = threading.Lock()
         self.seconds_per_message = 0.0  # measured, for requests that could not finish
-        config = {**DEFAULT_CONFIG, **context.model_config}
-        self.threshold = float(config["threshold"])
-        reference = BaseReference(**config["base"])
-        base = find_base(reference, config.get("base_model"),
-                         DownloadParams(**config.get("download", {})))
+        config = read_model_config(context.model_config or {})
+        self.threshold = config.threshold
+        base = find_base(config.base, config.base_model, config.download)
         # find_base hashed every file against the reference: no second pass over them
         self.predictor = Predictor(base, context.artifacts[ADAPTER_ARTIFACT],
-                                   device=config["device"], precision=config["precision"],
-                                   batch_size=int(config["batch_size"]), strict=True,
-                                   base_sha256=reference.sha256)
+                                   device=config.device, precision=config.precision,
+                                   batch_size=config.batch_size, strict=True,
+                                   base_sha256=config.base.sha256)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
@@ -241,6 +296,70 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
                         self.predictor.spec.max_length)
         return pd.DataFrame({"label": np.where(probs >= self.threshold, "spam", "ham"),
                              "spam_probability": probs})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A logged model's `model_config`, with the overrides given at load time, checked."""
+    base: BaseReference
+    base_model: str | None
+    download: DownloadParams
+    device: str
+    precision: str
+    batch_size: int
+    threshold: float
+
+
+def read_model_config(config: Mapping[str, object]) -> ModelConfig:
+    """`config` checked, each value, before any of it names a file or folder (a model
+    from a shared store may have been crafted); a key it lacks takes its default (a model
+    logged by an older spamlora). An unknown key is an error, not ignored."""
+    if not isinstance(config, Mapping):
+        raise ModelConfigError(f"model_config must be a mapping, got {config!r}")
+    unknown = set(config) - {"base", *DEFAULT_CONFIG}
+    if unknown:
+        raise ModelConfigError(f"model_config has unknown keys {sorted(unknown)}: it takes "
+                               f"{sorted({'base', *DEFAULT_CONFIG})}")
+    if "base" not in config:
+        raise ModelConfigError("model_config has no `base`: not a spamlora model")
+    values = {**DEFAULT_CONFIG, **config}
+    base_model = values["base_model"]
+    if base_model is not None and not _path_text(base_model):
+        raise _config_error("base_model", "must be a folder or null", base_model)
+    download = values["download"]
+    allowed = {f.name for f in fields(DownloadParams)}
+    if not isinstance(download, Mapping) or not set(download) <= allowed:
+        raise _config_error("download", f"must be a mapping with keys among "
+                            f"{sorted(allowed)}", download)
+    download = {**DEFAULT_CONFIG["download"], **download}
+    if not _number(download["timeout"]) or not download["timeout"] > 0:
+        raise _config_error("download.timeout", "must be a number > 0", download["timeout"])
+    if not _integer(download["retries"]) or download["retries"] < 0:
+        raise _config_error("download.retries", "must be an integer >= 0",
+                            download["retries"])
+    if not isinstance(values["device"], str) or not values["device"]:
+        raise _config_error("device", "must be a device name (auto, cpu, cuda, cuda:1, "
+                            "mps)", values["device"])
+    if values["precision"] not in PRECISIONS:
+        raise _config_error("precision", f"must be one of {list(PRECISIONS)}",
+                            values["precision"])
+    if not _integer(values["batch_size"]) or values["batch_size"] < 1:
+        raise _config_error("batch_size", "must be an integer >= 1", values["batch_size"])
+    if not _number(values["threshold"]) or not 0 <= values["threshold"] <= 1:
+        raise _config_error("threshold", "must be a number in [0, 1]", values["threshold"])
+    return ModelConfig(BaseReference.from_config(config["base"]), base_model,
+                       DownloadParams(float(download["timeout"]), download["retries"]),
+                       values["device"], values["precision"], values["batch_size"],
+                       float(values["threshold"]))
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _requirements() -> list[str]:
