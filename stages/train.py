@@ -32,6 +32,7 @@ from spamlora.fileio import write_json
 from spamlora.mlflow_model import BaseReference, log_model
 from spamlora.paths import Paths
 from spamlora.precision import resolve_device, resolve_precision, run_facts
+from spamlora.predictor import Predictor
 from spamlora.process import stop_signals
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
@@ -101,7 +102,9 @@ def main(params: Params) -> None:
                 steps.sync(history, final=True)
                 mlflow.log_metric("train_seconds", time.perf_counter() - start)
                 save_adapter(model, spec, paths.adapter)
-                log_model(paths.adapter, base_reference(params, paths))
+                # MLflow's check of the input example scores it with this model, in memory
+                log_model(paths.adapter, base_reference(params, paths),
+                          Predictor.of_model(model, spec, tokenizer, device, dtype))
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({

@@ -22,6 +22,7 @@ from spamlora.config import ModelParams
 from spamlora.hub import MODEL_FILES
 from spamlora.mlflow_model import (
     BASE_MODEL_ENV,
+    INPUT_EXAMPLE,
     MODEL_CODE,
     MODEL_NAME,
     BaseModelError,
@@ -160,6 +161,31 @@ def test_the_logged_model_is_code_not_a_pickle(store, monkeypatch):
     model = mlflow.pyfunc.load_model(str(folder), model_config={"precision": "fp32"})
     np.testing.assert_allclose(model.predict(MESSAGES)["spam_probability"],
                                expected(store, store["adapter"]), atol=1e-4)
+
+
+def test_the_example_is_scored_by_the_classifier_in_memory_not_a_second_load(
+        store, monkeypatch):
+    """Issue 25, item 11: MLflow checks the logged model by loading it and scoring the
+    input example; given the classifier in memory (the train stage's), that check scores
+    the example with it, and nothing is loaded. Without it, the classifier is loaded."""
+    import spamlora.predictor
+
+    in_memory = Predictor(store["base"], store["adapter"], precision="fp32")
+    scored = []
+    score = in_memory.spam_probabilities
+    monkeypatch.setattr(in_memory, "spam_probabilities",
+                        lambda texts: scored.append(list(texts)) or score(texts))
+    loads = []
+    load = spamlora.predictor.load_classifier
+    monkeypatch.setattr(spamlora.predictor, "load_classifier",
+                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    with mlflow.start_run():
+        log_model(store["adapter"], store["ref"], in_memory)
+    assert loads == []
+    assert scored == [INPUT_EXAMPLE]  # MLflow's check ran, on the model in memory
+    with mlflow.start_run():
+        log_model(store["adapter"], store["ref"])
+    assert len(loads) == 1
 
 
 # Where in model_config a crafted value goes, the value, and the message refusing it.

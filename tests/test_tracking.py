@@ -125,6 +125,28 @@ def test_one_run_holds_params_metrics_artifacts_and_tags(workspace, monkeypatch,
     assert steps["examples_seen"].iloc[-1] == 100
 
 
+def test_the_train_stage_checks_its_logged_model_without_loading_it_again(workspace,
+                                                                         monkeypatch):
+    """Issue 25, item 11: MLflow checks a logged model by loading it and scoring its
+    input example; at the end of training that loaded the whole classifier a second time
+    (on the GPU too, when it trained there). The classifier just trained scores it."""
+    from spamlora import predictor
+    from spamlora.mlflow_model import INPUT_EXAMPLE
+
+    loads, scored = [], []
+    load, score = predictor.load_classifier, predictor.Predictor.spam_probabilities
+    monkeypatch.setattr(predictor, "load_classifier",
+                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    monkeypatch.setattr(predictor.Predictor, "spam_probabilities",
+                        lambda self, texts: scored.append(list(texts)) or score(self, texts))
+    params = load_params(REPO / "params.yaml")
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, epochs=1, precision="fp32"))
+    stage_main("train")(params)
+    assert loads == []
+    assert scored == [INPUT_EXAMPLE]
+
+
 def test_an_evaluate_only_change_is_a_run_of_its_own_naming_the_training_run(workspace):
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(

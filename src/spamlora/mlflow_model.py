@@ -23,6 +23,7 @@ it names a file or folder: a model from a shared store may have been crafted.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
@@ -260,12 +261,15 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         self.seconds_per_message = 0.0  # measured, for requests that could not finish
         config = read_model_config(context.model_config or {})
         self.threshold = config.threshold
-        base = find_base(config.base, config.base_model, config.download)
-        # find_base hashed every file against the reference: no second pass over them
-        self.predictor = Predictor(base, context.artifacts[ADAPTER_ARTIFACT],
-                                   device=config.device, precision=config.precision,
-                                   batch_size=config.batch_size, strict=True,
-                                   base_sha256=config.base.sha256)
+        adapter = context.artifacts[ADAPTER_ARTIFACT]
+        self.predictor = _being_logged(config.base, adapter)
+        if self.predictor is None:
+            base = find_base(config.base, config.base_model, config.download)
+            # find_base hashed every file against the reference: no second pass over them
+            self.predictor = Predictor(base, adapter, device=config.device,
+                                       precision=config.precision,
+                                       batch_size=config.batch_size, strict=True,
+                                       base_sha256=config.base.sha256)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
@@ -362,6 +366,31 @@ def _number(value: object) -> bool:
             and math.isfinite(value))
 
 
+@dataclass(frozen=True)
+class _InMemory:
+    adapter_sha256: str
+    base: BaseReference
+    predictor: Predictor
+
+
+# The classifier `log_model` is logging in this thread (contextvars: per thread), if its
+# caller has it in memory.
+_LOGGING: contextvars.ContextVar[_InMemory | None] = contextvars.ContextVar(
+    "spamlora_logging", default=None)
+
+
+def _being_logged(base: BaseReference, adapter: str | Path) -> Predictor | None:
+    """The in-memory Predictor of the model `log_model` is logging in this thread, when
+    `base` and `adapter` (its content) are that model's: MLflow's check of the input
+    example then scores it instead of loading the base and adapter a second time."""
+    logging_now = _LOGGING.get()
+    if logging_now is None or logging_now.base != base:
+        return None
+    if file_sha256(adapter) != logging_now.adapter_sha256:
+        return None
+    return logging_now.predictor
+
+
 def _requirements() -> list[str]:
     pins = []
     for package in RUNTIME_PACKAGES:
@@ -372,15 +401,25 @@ def _requirements() -> list[str]:
     return pins
 
 
-def log_model(adapter: Path, base: BaseReference) -> str:
+def log_model(adapter: Path, base: BaseReference, in_memory: Predictor | None = None) -> str:
     """Log the classifier as model `MODEL_NAME` of the active run; its model URI. Its
-    code is `MODEL_CODE`, not a pickle. MLflow loads it once while logging, to check
-    that the input example scores."""
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME, python_model=str(MODEL_CODE),
-        artifacts={ADAPTER_ARTIFACT: str(adapter)},
-        model_config={"base": asdict(base), **DEFAULT_CONFIG},
-        signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=_requirements())
+    code is `MODEL_CODE`, not a pickle. MLflow checks the input example against the
+    signature, then loads the logged model and scores the example as its server would:
+    `in_memory`, the classifier of `adapter` on `base` already in memory (the one just
+    trained), is then used instead of loading the base and adapter a second time."""
+    token = None
+    if in_memory is not None:
+        token = _LOGGING.set(_InMemory(file_sha256(adapter), base, in_memory))
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(MODEL_CODE),
+            artifacts={ADAPTER_ARTIFACT: str(adapter)},
+            model_config={"base": asdict(base), **DEFAULT_CONFIG},
+            signature=SIGNATURE, input_example=INPUT_EXAMPLE,
+            pip_requirements=_requirements())
+    finally:
+        if token is not None:
+            _LOGGING.reset(token)
     return info.model_uri
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .adapter import AdapterError
+from .adapter import AdapterError, AdapterSpec
 from .batching import encode
 from .classifier import load_classifier
 from .inference import merged_for_inference, predict_logits, softmax
+from .model import GPTModel
 from .precision import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -32,6 +34,17 @@ class Predictor:
         if self.tokenizer.pad_id != self.spec.pad_id:
             raise AdapterError(f"{adapter}: trained with padding id {self.spec.pad_id}, but "
                                f"the tokenizer in {weights} has {self.tokenizer.pad_id}")
+
+    @classmethod
+    def of_model(cls, model: GPTModel, spec: AdapterSpec, tokenizer: Tokenizer,
+                 device: torch.device, dtype: torch.dtype, batch_size: int = 64) -> Predictor:
+        """A classifier already in memory, scored as it is (LoRA not merged, `model` left
+        unchanged): the train stage's, to check the logged model's input example without
+        loading the model a second time."""
+        predictor = cls.__new__(cls)
+        predictor.device, predictor.dtype, predictor.batch_size = device, dtype, batch_size
+        predictor.model, predictor.spec, predictor.tokenizer = model, spec, tokenizer
+        return predictor
 
     def logits(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Class logits in input order, and the positions of messages truncated to the
