@@ -110,7 +110,7 @@ def main() -> None:
     result = measure(args.model, args.messages)
     print(json.dumps(result, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8", newline="\n")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def train(folder: str, device_name: str, precision: str, out: str) -> None:
     if distributed.is_main():
         steady = np.diff(times[2:]) if len(times) > 3 else [times[-1] - start]
         Path(out).write_text(json.dumps({"losses": history.step_losses,
-                                         "seconds_per_step": float(np.median(steady))}))
+                                         "seconds_per_step": float(np.median(steady))}),
+                             encoding="utf-8", newline="\n")
     distributed.shutdown()
 
 
@@ -105,7 +106,7 @@ def score(folder: str, out: str) -> None:
                                 for t in ids])
         report[name] = {"batch_mates_max": float(np.abs(alone - together).max()),
                         "vs_cpu_fp32_max": float(np.abs(together - reference).max())}
-    Path(out).write_text(json.dumps(report))
+    Path(out).write_text(json.dumps(report), encoding="utf-8", newline="\n")
 
 
 def run(args: list[str], nproc: int = 1, mode: str = "--train") -> dict:

@@ -161,7 +161,7 @@ def start_server(uri: str, port: int, log: Path, timeout: float | None) -> subpr
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m",
          "models:/spamlora-sms@champion", "--env-manager", "local", "--host", "127.0.0.1",
-         "-p", str(port)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+         "-p", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)  # it starts uvicorn as a child: stop the whole group
     for _ in range(600):
         if proc.poll() is not None:
@@ -320,7 +320,7 @@ def write_table(report: dict) -> None:
     head, rest = text.split(TABLE_START)
     _, tail = rest.split(TABLE_END)
     README.write_text(head + TABLE_START + "\n\n" + "\n".join(lines) + "\n\n" + TABLE_END
-                      + tail, encoding="utf-8")
+                      + tail, encoding="utf-8", newline="\n")
 
 
 def main() -> None:
@@ -379,11 +379,11 @@ def main() -> None:
         "in_process": local, "served": served, "verdict": judge(local, served, paired)}
     print(json.dumps(report["verdict"], indent=2))
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")
     else:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"serve_load-{report['date']}.json").write_text(
-            json.dumps(report, indent=2) + "\n")
+            json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")
         write_table(report)
 
 

@@ -69,7 +69,8 @@ def prepare(workdir: Path, size: str) -> tuple[Path, Path]:
         sys.exit("benchmark needs the real data: run `dvc repro split` or provide "
                  "../shared/data/sms_spam/SMSSpamCollection")
     for name, part in parts.items():
-        pd.DataFrame(part).to_csv(data_dir / f"{name}.csv", index=False)
+        pd.DataFrame(part).to_csv(data_dir / f"{name}.csv", index=False, lineterminator="\n",
+                                  encoding="utf-8")
 
     model_dir = workdir / "gpt2"
     bpe = REPO / "data" / "base_model"
@@ -388,7 +389,7 @@ def write_table(report: dict) -> None:
     text = README.read_text(encoding="utf-8")
     head, _, rest = text.partition(TABLE_START)
     _, _, tail = rest.partition(TABLE_END)
-    README.write_text(head + "\n".join(lines) + tail, encoding="utf-8")
+    README.write_text(head + "\n".join(lines) + tail, encoding="utf-8", newline="\n")
 
 
 def machine() -> dict:
@@ -423,7 +424,7 @@ def rank_sweep(args: argparse.Namespace) -> None:
               "seeds": seeds, "ranks": args.ranks, "table": table, "runs": runs}
     out = args.out or RESULTS / f"rank_sweep-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")
     lines = [SWEEP_START, "",
              f"Measured {report['date']} on {report['machine']} (torch {report['torch']}, "
              f"{report['threads']} threads): validation accuracy after one epoch, alpha 8, "
@@ -441,7 +442,7 @@ def rank_sweep(args: argparse.Namespace) -> None:
         _, _, tail = rest.partition(SWEEP_END)
         README.write_text((head + "\n".join(lines) + tail) if found
                           else text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n",
-                          encoding="utf-8")
+                          encoding="utf-8", newline="\n")
 
 
 def main() -> None:
@@ -493,7 +494,7 @@ def main() -> None:
         report["accuracy"] = accuracy_table(accuracy_runs)
     out = args.out or RESULTS / f"train_speed-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")
     print(json.dumps(report.get("summary", {}), indent=2))
     if args.out is None and "spamlora" in results:
         write_table(report)

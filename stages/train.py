@@ -82,7 +82,7 @@ def main(params: Params) -> None:
         if main_process:
             summary = format_summary(model, counts)
             print(summary)
-            mlflow.log_text(summary, "model_summary.txt")
+            tracking.log_text(summary, "model_summary.txt")
             mlflow.log_params({
                 "resolved.max_length": max_length, "resolved.device": str(device),
                 "resolved.precision": str(dtype).removeprefix("torch."),

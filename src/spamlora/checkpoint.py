@@ -207,7 +207,7 @@ class Checkpoints:
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"spamlora": json.dumps(meta)})
             with atomic_path(path.with_suffix(".sha256")) as tmp:
-                tmp.write_text(file_sha256(path) + "\n", encoding="ascii")
+                tmp.write_text(file_sha256(path) + "\n", encoding="ascii", newline="\n")
         except OSError as e:
             log.warning("checkpoint %s not written (%s): training goes on", path,
                         e.strerror or e)

@@ -167,8 +167,10 @@ def split_counts(parts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """UTF-8 with "\n" line ends on every OS (pandas' default is `os.linesep`): the
+    splits, and the digests DVC and MLflow take of them, do not depend on the OS."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8")
 
 
 def read_labelled_csv(path: str | Path) -> pd.DataFrame:

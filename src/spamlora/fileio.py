@@ -146,9 +146,16 @@ def link_or_copy(src: str | Path, dest: str | Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def write_json(path: str | Path, obj: object) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """`text` as UTF-8 with "\n" line ends on every OS. A plain text-mode write would end
+    lines with "\r\n" on Windows and encode with its code page: DVC hashes the bytes,
+    so an output written there would differ from the same output written here."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> object:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .fileio import atomic_path
+from .data import write_csv
+from .fileio import write_text
 
 COLUMNS = ["experiment", "rev", "rank", "seed", "test_accuracy", "test_f1", "trainable"]
 
@@ -92,8 +93,6 @@ def write_report(df: pd.DataFrame, out_dir: Path) -> None:
         from .errors import SpamloraError
 
         raise SpamloraError("no finished experiment with test metrics in `dvc exp show`")
-    with atomic_path(out_dir / "experiments.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "by_rank.md") as tmp:
-        tmp.write_text(markdown(df), encoding="utf-8")
+    write_csv(df, out_dir / "experiments.csv")
+    write_text(out_dir / "by_rank.md", markdown(df))
     plot(df, out_dir / "accuracy_vs_rank.png")

@@ -570,6 +570,19 @@ def active_run(run_id: str, stage: str = "train") -> Iterator[object]:
     mlflow.end_run("FINISHED")
 
 
+def log_text(text: str, name: str) -> None:
+    """`text` as artifact `name` of the active run, UTF-8 with "\n" line ends on every
+    OS (`mlflow.log_text` writes in text mode: "\r\n" on Windows)."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_text(text, encoding="utf-8", newline="\n")
+        mlflow.log_artifact(str(path))
+
+
 def run_exists(run_id: str) -> bool:
     import mlflow
 
