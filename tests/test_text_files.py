@@ -14,6 +14,7 @@ import builtins
 import io
 import locale
 import os
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -183,3 +184,65 @@ def test_the_text_write_check_catches_each_kind():
         "x.py:3: open without newline", "x.py:4: open without encoding, newline",
         "x.py:5: to_csv without encoding, lineterminator",
         "x.py:6: DictWriter without lineterminator", "x.py:7: log_text writes in text mode"]
+
+
+# The project's own files in git.
+
+def _git(*args: str, cwd: Path = REPO) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_every_tracked_text_file_is_checked_out_with_lf():
+    """`eol=lf` holds for each tracked file (src/, stages/, metrics/, dvc.yaml, ...), and
+    the index holds none with "\\r\\n"; tests/fixtures stays byte for byte (`-text`)."""
+    files = _git("ls-files", "-z").split("\0")[:-1]
+    assert "src/spamlora/cli.py" in files and "metrics/README.md" in files
+    attrs = {}
+    for line in _git("check-attr", "eol", "text", "--", *files).splitlines():
+        path, attr, value = line.rsplit(": ", 2)
+        attrs.setdefault(path, {})[attr] = value
+    fixtures = [f for f in files if f.startswith("tests/fixtures/")]
+    assert fixtures and all(attrs[f]["text"] == "unset" for f in fixtures)
+    for path in set(files) - set(fixtures):
+        assert attrs[path]["eol"] == "lf", path
+        assert attrs[path]["text"] in ("auto", "set"), path
+    for line in _git("ls-files", "--eol").splitlines():
+        index_eol, path = line.split()[0], line.split("\t", 1)[1]
+        assert index_eol in ("i/lf", "i/none", "i/-text", "i/"), line
+
+
+FILES = {"src/a.py": b"x = 1\ny = 2\n", "metrics/eval.json": b'{\n  "a": 1\n}\n',
+         "tests/fixtures/raw.txt": b"a\r\nb\n"}
+
+
+def checkout_with_autocrlf(tmp_path: Path, attributes: bytes) -> dict[str, bytes]:
+    """FILES committed with `attributes` as .gitattributes, then cloned as Git for
+    Windows does by default (`core.autocrlf=true`): each file's bytes in the clone."""
+    repo = tmp_path / "repo"
+    for name, content in {**FILES, ".gitattributes": attributes}.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(content)
+    _git("init", "-q", cwd=repo)
+    _git("add", ".", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false",
+         "commit", "-q", "-m", "x", cwd=repo)
+    clone = tmp_path / "clone"
+    _git("clone", "-q", "--no-local", "--config", "core.autocrlf=true", str(repo),
+         str(clone), cwd=tmp_path)
+    return {name: (clone / name).read_bytes() for name in FILES}
+
+
+def test_autocrlf_checks_out_lf(tmp_path):
+    """Code and metrics come out with "\n", a fixture exactly as committed."""
+    got = checkout_with_autocrlf(tmp_path, (REPO / ".gitattributes").read_bytes())
+    assert got == FILES
+
+
+def test_without_eol_lf_autocrlf_would_check_out_crlf(tmp_path):
+    """The check above sees what Windows does: the attributes as they were give CRLF."""
+    got = checkout_with_autocrlf(tmp_path, b"tests/fixtures/** -text\n")
+    assert got["src/a.py"] == b"x = 1\r\ny = 2\r\n"
+    assert got["tests/fixtures/raw.txt"] == FILES["tests/fixtures/raw.txt"]
