@@ -83,6 +83,52 @@ def test_formats_agree_and_keep_input_order(capsys, adapter, tiny_gpt2, tmp_path
     assert labels == ["spam" if r["spam_probability"] >= threshold else "ham" for r in rows]
 
 
+EMOJI = ["WINNER 🎉 claim your £100, \"free\" prize", "ok see you at 5, café?"]
+
+
+def test_predict_writes_utf8_with_lf_to_a_windows_stdout(monkeypatch, adapter, tiny_gpt2):
+    """Redirected on Windows, stdout encodes with the code page and writes "\n" as
+    "\r\n" (emulated by `_pyio`, which takes the line end from os.linesep): an emoji
+    must not fail half-way, nor CSV rows end with "\r\r\n"."""
+    import _pyio
+
+    monkeypatch.setattr(os, "linesep", "\r\n")
+    probe = _pyio.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    probe.write("a\n")
+    probe.flush()
+    assert probe.buffer.getvalue() == b"a\r\n"  # the emulation is Windows' stdout
+    with pytest.raises(UnicodeEncodeError):
+        probe.write("🎉")
+    for fmt in ("csv", "jsonl", "table"):
+        stdout = _pyio.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+        monkeypatch.setattr(sys, "stdout", stdout)
+        code = main(["predict", "--adapter", str(adapter), "--weights", str(tiny_gpt2),
+                     "--precision", "fp32", "--format", fmt, *EMOJI])
+        stdout.flush()
+        written = stdout.buffer.getvalue()
+        assert code == 0 and b"\r" not in written, (fmt, written)
+        text = written.decode("utf-8")
+        if fmt == "csv":
+            assert [r["text"] for r in csv.DictReader(io.StringIO(text))] == EMOJI
+        elif fmt == "jsonl":
+            assert [json.loads(line)["text"] for line in text.splitlines()] == EMOJI
+        else:
+            assert len(text.splitlines()) == 3 and "🎉" in text and "café" in text
+
+
+def test_predict_output_is_utf8_whatever_the_locale_encoding(adapter, tiny_gpt2):
+    """A real interpreter whose stdout is cp1252 (PYTHONIOENCODING), as a redirected
+    stdout on a Western-European Windows."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from spamlora.cli import main; sys.exit(main())",
+         "predict", "--adapter", str(adapter), "--weights", str(tiny_gpt2), "--precision",
+         "fp32", "--format", "jsonl", *EMOJI], capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert [r["text"] for r in rows] == EMOJI
+
+
 def test_batching_does_not_change_probabilities(capsys, adapter, tiny_gpt2):
     texts = [("free " * n).strip() + f" msg {n}" for n in range(1, 30)]
     _, one, _ = predict(capsys, adapter, tiny_gpt2, "--format", "jsonl", "--batch-size",

@@ -13,6 +13,7 @@ import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
@@ -179,31 +180,59 @@ def _read_messages(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     return stream()
 
 
+class _Utf8Stdout:
+    """stdout as UTF-8 with no newline translation, whatever the locale: redirected on
+    Windows, stdout encodes with the code page (cp1252: a message with an emoji fails
+    half-way) and turns each "\n" into "\r\n" (the csv module's "\r\n" into
+    "\r\r\n"). Writes its bytes to stdout's buffer, so results are the same bytes on
+    every OS."""
+
+    def __init__(self, buffer: BinaryIO):
+        self.buffer = buffer
+
+    def write(self, text: str) -> int:
+        self.buffer.write(text.encode("utf-8"))
+        return len(text)
+
+    def flush(self) -> None:
+        self.buffer.flush()
+
+
+def _utf8_stdout() -> TextIO | _Utf8Stdout:
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a str-only stream (io.StringIO): nothing to encode
+        return sys.stdout
+    sys.stdout.flush()  # what was printed before comes first
+    return _Utf8Stdout(buffer)
+
+
 class _Writer:
     """Writes results as they come: a CSV header or the table's once, then rows."""
 
-    def __init__(self, fmt: str):
-        self.fmt, self.started = fmt, False
+    def __init__(self, fmt: str, out: TextIO | _Utf8Stdout):
+        self.fmt, self.out, self.started = fmt, out, False
 
     def write(self, results: list[dict]) -> None:
         if self.fmt == "jsonl":
             for row in results:
-                print(json.dumps(row, ensure_ascii=False))
+                print(json.dumps(row, ensure_ascii=False), file=self.out)
         elif self.fmt == "csv":
-            writer = csv.DictWriter(sys.stdout, fieldnames=list(results[0]))
+            writer = csv.DictWriter(self.out, fieldnames=list(results[0]),
+                                    lineterminator="\n")
             if not self.started:
                 writer.writeheader()
             writer.writerows(results)
         else:
             width = 60
             if not self.started:
-                print(f"{'label':<6} {'spam_prob':>9}  message")
+                print(f"{'label':<6} {'spam_prob':>9}  message", file=self.out)
             for row in results:
                 text = row["text"].replace("\n", " ")
                 text = text if len(text) <= width else text[: width - 1] + "…"
-                print(f"{row['label']:<6} {row['spam_probability']:>9.4f}  {text}")
+                print(f"{row['label']:<6} {row['spam_probability']:>9.4f}  {text}",
+                      file=self.out)
         self.started = True
-        sys.stdout.flush()
+        self.out.flush()
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -225,7 +254,7 @@ def _predict(args: argparse.Namespace) -> None:
                               args.adapter or Paths().adapter, device=args.device,
                               precision=args.precision, batch_size=args.batch_size,
                               strict=args.strict)
-    writer = _Writer(args.format)
+    writer = _Writer(args.format, _utf8_stdout())
     chunk = [first]
     for item in itertools.chain(messages, [None]):
         if item is not None:
