@@ -37,7 +37,7 @@ LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
 # table trains each batching with these four seeds.
 ACCURACY_SEEDS = (123, 1, 2, 3)
 TRAIN_CASES = ("spamlora", "spamlora-grouped", "peer-default", "peer-tuned")
-ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned", "spamlora-reference-init")
+ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned", "spamlora-textbook-init")
 # bf16 training must follow the fp32 trajectory this closely: per epoch, absolute, on the
 # train loss, validation loss and validation accuracy.
 BF16_TOLERANCE = 0.02
@@ -97,16 +97,16 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 # --- cases, each run in a child process ---------------------------------------------------
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
-                  grouped: bool = False, init: str = "textbook", rank: int = RANK,
+                  grouped: bool = False, init: str | None = None, rank: int = RANK,
                   padded: bool = False) -> dict:
     """The defaults (packed random batches), or `grouped`: padded batches of similar
     length, the previous default; `padded`: random batches padded to their longest;
-    `init`: `lora.init`; `rank` with alpha fixed at 8, as `dvc exp run -S lora.rank=...`
-    would."""
+    `init`: `lora.init` (None: the pipeline's default); `rank` with alpha fixed at 8, as
+    `dvc exp run -S lora.rank=...` would."""
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
     from spamlora.classifier import build_classifier, count_parameters
-    from spamlora.config import TrainParams
+    from spamlora.config import LoRAParams, TrainParams
     from spamlora.precision import resolve_device, resolve_precision
     from spamlora.tokenizer import Tokenizer
     from spamlora.train import train_classifier
@@ -126,7 +126,7 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     train_ids, _ = truncate(train_ids, max_length)
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
     spec = AdapterSpec("gpt2", base.cfg, rank, RANK, max_length=max_length,
-                       pad_id=tokenizer.pad_id, init=init)
+                       pad_id=tokenizer.pad_id, init=init or LoRAParams().init)
     model = build_classifier(base, spec, seed=seed)
     setup = time.perf_counter() - start
     last_step_end = 0.0
@@ -286,14 +286,14 @@ CASES = {
     "inference": case_inference,
     "bf16-vs-fp32": case_bf16_vs_fp32,
     # Opt-in (--cases): random batches padded, not packed (the same trajectory, more
-    # tokens); the defaults with `lora.init: reference` (fan-in in_dim).
+    # tokens); the defaults with the book's `lora.init: textbook` (fan-in r).
     "spamlora-padded": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed, padded=True),
-    "spamlora-reference-init": lambda d, m, n, seed=SEED, rank=RANK: case_spamlora(
-        d, m, n, seed, init="reference", rank=rank),
+    "spamlora-textbook-init": lambda d, m, n, seed=SEED, rank=RANK: case_spamlora(
+        d, m, n, seed, init="textbook", rank=rank),
 }
-# --ranks: the defaults at each rank, with each `lora.init`
-RANK_CASES = {"textbook": "spamlora", "reference": "spamlora-reference-init"}
-DEFAULT_CASES = [c for c in CASES if c not in ("spamlora-padded", "spamlora-reference-init")]
+# --ranks: the defaults (`lora.init: reference`) at each rank, and with the book's init
+RANK_CASES = {"textbook": "spamlora-textbook-init", "reference": "spamlora"}
+DEFAULT_CASES = [c for c in CASES if c not in ("spamlora-padded", "spamlora-textbook-init")]
 
 
 def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
@@ -366,7 +366,8 @@ def write_table(report: dict) -> None:
                   "|---|---|---:|---:|---|"]
         names = {"spamlora": "spamlora default (packed random batches)",
                  "spamlora-grouped": "spamlora, `group_by_length: true` (padded)",
-                 "peer-tuned": "peer-tuned (random batches)"}
+                 "peer-tuned": "peer-tuned (random batches)",
+                 "spamlora-textbook-init": "spamlora, `lora.init: textbook`"}
         for case, a in report["accuracy"].items():
             lines.append(f"| {names[case]} | {', '.join(f'{v:.3f}' for v in a['val_accuracy'])}"
                          f" | {a['mean']:.3f} | {a['min']:.3f}–{a['max']:.3f} | "
