@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -137,6 +138,29 @@ def test_the_logged_model_references_the_base_and_holds_no_copy(store, adapter):
     assert config["base"]["sha256"] == store["ref"].sha256
     assert set(config["base"]["sha256"]) == set(MODEL_FILES)
     assert mlflow.models.Model.load(folder / "MLmodel").signature is not None
+
+
+LOG_AND_LOAD = """
+import json, sys, mlflow
+from spamlora.mlflow_model import BaseReference, log_model
+with mlflow.start_run(experiment_id={experiment!r}):
+    uri = log_model({adapter!r}, BaseReference.from_config({base!r}))
+mlflow.pyfunc.load_model(uri, model_config={{"precision": "fp32"}}).predict({messages!r})
+print(json.dumps(uri))
+"""
+
+
+def test_logging_and_loading_a_model_warns_of_nothing(store, adapter):
+    """Issue 25, item 20: the train stage printed MLflow's warnings (no type hint on
+    `predict`, pickling the model) that were the project's to avoid. With the warning
+    filters a user has, none comes."""
+    code = LOG_AND_LOAD.format(experiment=store["experiment_id"], adapter=str(adapter),
+                               base=asdict(store["ref"]), messages=MESSAGES)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300, env={
+                              **os.environ, "MLFLOW_TRACKING_URI": store["uri"], **NO_PICKLE})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr
 
 
 def logged_folder(store, run: str) -> Path:

@@ -271,7 +271,9 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
                                        batch_size=config.batch_size, strict=True,
                                        base_sha256=config.base.sha256)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The hint is one MLflow infers no schema from (SIGNATURE is given) and converts
+    # nothing for; without one it warns on every import. model_texts takes lists too.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         texts = model_texts(model_input)
         arrived = time.monotonic()
         # Under `mlflow models serve`, a request not answered within its timeout has
