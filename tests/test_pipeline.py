@@ -83,6 +83,16 @@ def test_repro_writes_every_output(pipeline):
     assert train["parameters"]["trainable"] > 0
 
 
+def test_repro_says_each_epochs_result_and_warns_of_nothing(pipeline):
+    """What `dvc repro` prints, as a user (or `dvc queue logs`) sees it: a line per
+    epoch, and no warning the project could avoid (issue 25, item 20)."""
+    _, out, _ = pipeline
+    epochs = [line for line in out.splitlines()
+              if line.startswith("epoch ") and "validation loss" in line]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert "Warning" not in out, out
+
+
 def test_nothing_to_do_afterwards(pipeline):
     ws, _, _ = pipeline
     status = dvc(ws, "status")
