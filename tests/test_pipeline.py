@@ -103,6 +103,12 @@ def test_nothing_to_do_afterwards(pipeline):
     assert (ws / ".plots" / "index.html").is_file()
 
 
+# The comparison docs/experiments.md gives: what changed, and accuracy and F1 per split.
+EXP_SHOW_CHANGED = ("--only-changed", "--drop", ".*(loss|precision|recall|roc_auc|confusion|"
+                    "run_id)|train_|val_|parameters\\.(lm|total)|.*/")
+COMPARED = {f"{split}.{m}" for split in (*SPLITS, "test_unseen") for m in ("accuracy", "f1")}
+
+
 def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     ws, _, _ = pipeline
     subprocess.run(["git", "add", "-A"], cwd=ws, env=env(ws), check=True)
@@ -123,6 +129,17 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
             test = data["metrics"]["metrics/eval.json"]["data"]["test"]
             ranks.setdefault(rank, test["accuracy"])
     assert set(ranks) == {8, 4} and all(0 <= a <= 1 for a in ranks.values())
+    # The table leads with the results compared, and the README's command keeps only
+    # what differs between the experiments (issue 24, item 9).
+    header = dvc(ws, "exp", "show", "--csv").splitlines()[0].split(",")
+    # a column of eval.json, train.json, data.json and balance.json, in that order
+    order = [header.index(c) for c in ("test.accuracy", "val_accuracy", "train.rows",
+                                       "balanced.rows")]
+    assert order == sorted(order) and order[0] < header.index("lora.rank")
+    changed = dvc(ws, "exp", "show", "--csv", *EXP_SHOW_CHANGED).splitlines()[0].split(",")
+    assert changed[:4] == ["Experiment", "rev", "typ", "Created"]
+    assert {"lora.rank", "parameters.trainable"} <= set(changed[4:]), changed
+    assert set(changed[4:]) <= COMPARED | {"lora.rank", "parameters.trainable"}, changed
 
     client, runs = mlflow_runs(ws)
     assert sorted(r.data.params["lora.rank"] for r in runs) == ["4", "8"]
