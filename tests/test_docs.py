@@ -10,7 +10,7 @@ from pathlib import Path
 from .conftest import REPO
 
 FENCE = re.compile(r"^ *```.*?^ *```", re.S | re.M)
-CODE = re.compile(r"`[^`\n]*`")
+CODE = re.compile(r"``.*?``|`[^`\n]*`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -61,7 +61,7 @@ def test_the_link_check_catches_a_missing_file_or_heading(tmp_path):
     (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Some part\n", encoding="utf-8")
     (tmp_path / "README.md").write_text(
         "[ok](docs/a.md) [ok](docs/a.md#some-part) [ok](#top) [web](https://x.org/y)\n"
-        "`[not a link](nowhere.md)`\n\n```\n[nor this](nowhere.md)\n```\n"
+        "`[not a link](nowhere.md)` ``a `[b](nowhere.md)` c``\n\n```\n[nor this](nowhere.md)\n```\n"
         "[gone](docs/b.md) [bad](docs/a.md#no-part)\n\n# Top\n", encoding="utf-8")
     assert broken_links(pages(tmp_path)) == [
         "README.md: docs/b.md (no such file)",
