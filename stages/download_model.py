@@ -11,7 +11,8 @@ def main(params: Params) -> None:
     expected = model.expected_sha256
     if expected is None:
         why = ("model.sha256 is null" if model.sha256 is None else
-               f"no checksums are pinned for {model.name} (see README: pinning a model)")
+               f"no checksums are pinned for {model.name} (see docs/downloads.md: pinned "
+               f"base weights)")
         print(f"warning: the files are not checked: {why}; their sha256 is recorded in "
               f"{Paths().base_model / 'download.json'}")
     record = fetch_model(model.name, model.base_url, Paths().base_model,

@@ -19,7 +19,7 @@ from spamlora.hub import MODEL_FILES
 from spamlora.paths import SPLITS, Paths
 from spamlora.tracking import EXPERIMENT, RUN_ID_KEY, STAGES_TAG, TRAINING_RUN_TAG
 
-from .conftest import dataset_zip_bytes, local_server, make_hf_gpt2
+from .conftest import REPO, dataset_zip_bytes, local_server, make_hf_gpt2
 from .workspace import dvc, env, make_workspace
 
 pytestmark = pytest.mark.e2e
@@ -103,9 +103,10 @@ def test_nothing_to_do_afterwards(pipeline):
     assert (ws / ".plots" / "index.html").is_file()
 
 
-# The comparison docs/experiments.md gives: what changed, and accuracy and F1 per split.
-EXP_SHOW_CHANGED = ("--only-changed", "--drop", ".*(loss|precision|recall|roc_auc|confusion|"
-                    "run_id)|train_|val_|parameters\\.(lm|total)|.*/")
+# The comparison the README gives: what changed, and accuracy and F1 per split.
+EXP_SHOW_DROP = (".*(loss|precision|recall|roc|confusion|run_id|/)|train_|val_|"
+                 "parameters\\.(lm|total)")
+EXP_SHOW_CHANGED = ("--only-changed", "--drop", EXP_SHOW_DROP)
 COMPARED = {f"{split}.{m}" for split in (*SPLITS, "test_unseen") for m in ("accuracy", "f1")}
 
 
@@ -140,6 +141,8 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     assert changed[:4] == ["Experiment", "rev", "typ", "Created"]
     assert {"lora.rank", "parameters.trainable"} <= set(changed[4:]), changed
     assert set(changed[4:]) <= COMPARED | {"lora.rank", "parameters.trainable"}, changed
+    command = f"dvc exp show --only-changed --drop '{EXP_SHOW_DROP}'"
+    assert command in (REPO / "README.md").read_text(encoding="utf-8")
 
     client, runs = mlflow_runs(ws)
     assert sorted(r.data.params["lora.rank"] for r in runs) == ["4", "8"]

@@ -30,7 +30,7 @@ class Pin:
 # Only values confirmed from two independent public records go here. gpt2: the Hub's
 # file listing and LFS pointer at that commit, and the files themselves (vocab.json and
 # merges.txt are byte-identical to OpenAI's encoder.json / vocab.bpe, which tiktoken pins).
-# The larger presets: not confirmed here; `auto` means unchecked for them (README).
+# The larger presets: not confirmed here; `auto` means unchecked for them (docs/downloads.md).
 PINS: dict[str, Pin] = {
     "gpt2": Pin(
         repo="openai-community/gpt2",

@@ -107,7 +107,7 @@ def attention_kernels(device: torch.device, training: bool):
     the math kernel a fraction of that, and it is deterministic; inference keeps the
     default, whose forward is faster (benchmarks/README.md). On CUDA every kernel but
     cuDNN's (`CUDA_ATTENTION`); results there are not bitwise reproducible run to run
-    (README)."""
+    (docs/training.md)."""
     if device.type == "cpu":
         return sdpa_kernel([SDPBackend.MATH]) if training else contextlib.nullcontext()
     if device.type == "cuda":
