@@ -433,7 +433,7 @@ def _unusable(model, adapter_sha256: str) -> str | None:
     from mlflow.entities import LoggedModelStatus
 
     if model.status != LoggedModelStatus.READY:
-        return f"it is {model.status} (its logging was cut short)"
+        return f"it is {model.status} (its logging failed or was cut short)"
     if model.tags.get(ADAPTER_DIGEST_TAG) != adapter_sha256:
         return "it holds another adapter"
     if folder := missing_files(model):
