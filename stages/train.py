@@ -159,7 +159,10 @@ def start_run(params: Params, paths: Paths, checkpoints: Checkpoints) -> str:
     """The MLflow run to train in: the one the newest valid checkpoint of this
     computation names (resumed), else a new one. Runs whose process is gone are marked
     KILLED, with a note naming their checkpoint where one is kept: other computations'
-    checkpoints are never removed here (`spamlora checkpoints prune` does that)."""
+    checkpoints are never removed here (`spamlora checkpoints prune` does that). First of
+    all, `params` must be those DVC applied for this experiment (a concurrent
+    `dvc exp run` may have replaced them)."""
+    tracking.check_experiment_params(params.flat())
     checkpoints.check_writable()
     reasons = {}
     for entry in stored(checkpoints.root):

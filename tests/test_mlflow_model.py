@@ -20,8 +20,9 @@ import pandas as pd
 import pytest
 
 from spamlora.config import ModelParams
-from spamlora.hub import MODEL_FILES
+from spamlora.hub import MODEL_FILES, file_sha256
 from spamlora.mlflow_model import (
+    ADAPTER_DIGEST_TAG,
     BASE_MODEL_ENV,
     INPUT_EXAMPLE,
     MODEL_CODE,
@@ -32,6 +33,7 @@ from spamlora.mlflow_model import (
     find_base,
     load_predictor,
     log_model,
+    logged_models,
     model_texts,
     read_model_config,
 )
@@ -210,6 +212,53 @@ def test_the_example_is_scored_by_the_classifier_in_memory_not_a_second_load(
     with mlflow.start_run():
         log_model(store["adapter"], store["ref"])
     assert len(loads) == 1
+
+
+def models_of(store, run_id: str) -> list:
+    return logged_models(mlflow.MlflowClient(store["uri"]), run_id, store["experiment_id"])
+
+
+def test_logging_again_on_the_same_run_keeps_the_model_it_holds(store):
+    """Issue 31, item 8: a training killed after logging its model and resumed logs it
+    again on the same run; the run still holds one model, the first."""
+    in_memory = Predictor(store["base"], store["adapter"], precision="fp32")
+    with mlflow.start_run() as run:
+        first = log_model(store["adapter"], store["ref"], in_memory)
+        again = log_model(store["adapter"], store["ref"], in_memory)
+    (model,) = models_of(store, run.info.run_id)
+    assert again == first == model.model_uri
+    assert model.tags[ADAPTER_DIGEST_TAG] == file_sha256(store["adapter"])
+
+
+def spoil(store, run_id: str, how: str) -> str:
+    """A model on run `run_id` that must not stand for `store["adapter"]`: its URI."""
+    client = mlflow.MlflowClient(store["uri"])
+    digest = file_sha256(store["adapter"])
+    if how == "cut short":  # killed while logging: PENDING for ever, no files
+        return client.create_logged_model(store["experiment_id"], name=MODEL_NAME,
+                                          source_run_id=run_id,
+                                          tags={ADAPTER_DIGEST_TAG: digest}).model_uri
+    uri = log_model(store["adapter"], store["ref"])
+    (model,) = models_of(store, run_id)
+    if how == "another adapter":
+        client.set_logged_model_tags(model.model_id, {ADAPTER_DIGEST_TAG: "0" * 64})
+    else:  # its artifacts deleted
+        shutil.rmtree(urllib.request.url2pathname(
+            model.artifact_location.removeprefix("file://")))
+    return uri
+
+
+@pytest.mark.parametrize("how", ["another adapter", "cut short", "files gone"])
+def test_a_model_of_the_run_that_cannot_stand_for_the_adapter_is_replaced(store, how,
+                                                                          caplog):
+    with mlflow.start_run() as run:
+        old = spoil(store, run.info.run_id, how)
+        new = log_model(store["adapter"], store["ref"])
+    assert new != old
+    (model,) = models_of(store, run.info.run_id)  # the old one is deleted
+    assert model.model_uri == new and model.status == "READY"
+    assert model.tags[ADAPTER_DIGEST_TAG] == file_sha256(store["adapter"])
+    assert f"{old} deleted" in caplog.text
 
 
 # Where in model_config a crafted value goes, the value, and the message refusing it.

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from spamlora.checkpoint import FOLDER
+from spamlora.hub import file_sha256
+from spamlora.mlflow_model import ADAPTER_DIGEST_TAG, logged_models
 from spamlora.paths import Paths
 from spamlora.tracking import EXPERIMENT, NOTE_TAG, RUN_ID_KEY, STORE_FILE
 
@@ -44,10 +46,11 @@ def new_workspace(root: Path, tiny_gpt2: Path, **overrides) -> Path:
     return ws
 
 
-def start(ws: Path) -> subprocess.Popen:
+def start(ws: Path, *python_args: str) -> subprocess.Popen:
     env = {**os.environ, "DVC_ROOT": str(ws), "XDG_CACHE_HOME": str(ws / ".cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py")], cwd=ws,
+    return subprocess.Popen([sys.executable, *python_args, str(REPO / "stages" / "train.py")],
+                            cwd=ws,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -243,6 +246,43 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_pair(tmp_path, 
     (run,) = runs(ws)
     assert run.info.status == "FINISHED"
     assert outputs(ws) == reference("fp32", **two)
+
+
+# The train stage, SIGKILLed as soon as it has logged its model: before it writes
+# metrics/train.json and removes its checkpoint.
+KILLED_AFTER_LOGGING = """
+import os, runpy, signal, sys
+import spamlora.mlflow_model as m
+log_model = m.log_model
+def then_killed(*args, **kwargs):
+    log_model(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+m.log_model = then_killed
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+def models(ws: Path, run) -> list:
+    return logged_models(client(ws), run.info.run_id, run.info.experiment_id)
+
+
+def test_killed_after_logging_its_model_the_resumed_run_keeps_that_one_model(tmp_path,
+                                                                            tiny_gpt2):
+    """Issue 31, item 8: the rerun resumes the run, which holds the model already; it
+    must not log a second one."""
+    ws = new_workspace(tmp_path, tiny_gpt2)
+    code, out = finish(start(ws, "-c", KILLED_AFTER_LOGGING))
+    assert code == -signal.SIGKILL, out[-3000:]
+    (killed,) = runs(ws)
+    (logged,) = models(ws, killed)
+    assert not Paths(ws).metrics("train").exists()
+    out = train(ws)
+    assert "resuming from" in out
+    (run,) = runs(ws)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    (model,) = models(ws, run)
+    assert model.model_id == logged.model_id and model.status == "READY"
+    assert model.tags[ADAPTER_DIGEST_TAG] == file_sha256(Paths(ws).adapter)
 
 
 def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_gpt2):

@@ -26,6 +26,7 @@ from spamlora.paths import Paths
 from spamlora.registry import promote
 from spamlora.tracking import (
     ARTIFACT_DIR,
+    DVC_EXP_MERGE,
     EXPERIMENT,
     RUN_ID_KEY,
     SPLIT_CONTEXTS,
@@ -33,6 +34,7 @@ from spamlora.tracking import (
     STORE_FILE,
     TRAINING_RUN_TAG,
     UNAVAILABLE,
+    check_experiment_params,
     file_md5,
 )
 
@@ -743,3 +745,44 @@ def test_a_server_that_dies_mid_training_costs_a_rerun_and_nothing_else(workspac
     finally:
         again.terminate()
         again.wait(timeout=30)
+
+
+def dvc_exp_merge(ws: Path, name: str, seed: int) -> None:
+    """What `dvc exp run -n <name> -S train.seed=<seed>` leaves in git for the stages it
+    runs: refs/exps/exec/EXEC_MERGE, a commit whose message names the experiment and
+    whose params.yaml holds its values."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["seed"] = seed
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    rev = "0" * 40
+    for command in (["init", "-q"], ["add", "params.yaml"],
+                    ["-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
+                     f"dvc-exp:{rev}:{rev}:{name}"],
+                    ["update-ref", DVC_EXP_MERGE, "HEAD"]):
+        subprocess.run(["git", *command], cwd=ws, check=True)
+
+
+@pytest.mark.parametrize("stage, applied_name, applied_seed, error", [
+    ("train", "brave-test", 7, "(train.seed is 123 here, DVC applied 7)"),
+    ("evaluate", "brave-test", 7, "(train.seed is 123 here, DVC applied 7)"),
+    ("plot", "brave-test", 7, "(train.seed is 123 here, DVC applied 7)"),
+    ("train", "other-exp", 123, f"(DVC's {DVC_EXP_MERGE} now names experiment 'other-exp')"),
+])
+def test_params_other_than_dvc_applied_for_the_experiment_fail_before_any_run(
+        workspace, stage, applied_name, applied_seed, error):
+    """Issue 31, item 3: a second `dvc exp run` in the workspace wrote its -S values into
+    params.yaml while this experiment ('brave-test', as the fixture names it) ran."""
+    dvc_exp_merge(workspace, applied_name, applied_seed)
+    params = load_params(REPO / "params.yaml")  # train.seed 123
+    with pytest.raises(SpamloraError) as e:
+        stage_main(stage)(params)
+    assert str(e.value) == (
+        f"params.yaml: another `dvc exp run` changed it during experiment 'brave-test' "
+        f"{error}, so nothing is logged under that name. Parallel experiments go through "
+        f"`dvc exp run --queue` or `--temp`")
+    assert not (workspace / STORE_FILE).exists()  # no run, not even a store
+
+
+def test_params_as_dvc_applied_them_pass(workspace):
+    dvc_exp_merge(workspace, "brave-test", 123)
+    check_experiment_params(load_params(REPO / "params.yaml").flat())

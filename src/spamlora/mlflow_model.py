@@ -55,6 +55,10 @@ from .weights import base_fingerprint, fetch_model, spamlora_cache_dir
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name in every run
+# On each logged model: `file_sha256` of its adapter, by which a rerun on the same run
+# (a training killed after logging its model, then resumed) finds it instead of logging
+# a second one.
+ADAPTER_DIGEST_TAG = "spamlora.adapter_sha256"
 BASE_MODEL_ENV = "SPAMLORA_BASE_MODEL"
 ADAPTER_ARTIFACT = "adapter"
 TEXT_COLUMN = "text"
@@ -403,22 +407,83 @@ def _requirements() -> list[str]:
     return pins
 
 
+def logged_models(client, run_id: str, experiment_id: str) -> list:
+    """The models named `MODEL_NAME` that run `run_id` logged, newest first (deleted
+    ones are not listed)."""
+    return list(client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'"))
+
+
+def missing_files(model) -> Path | None:
+    """The folder of logged `model` when it holds no MLmodel (its artifacts were
+    deleted, e.g. with a `dvc exp run --temp` workspace), else None. Only local artifact
+    stores can be looked at here: a server's or a bucket's count as present."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    location = model.artifact_location or ""
+    if urlparse(location).scheme not in ("", "file"):
+        return None
+    folder = Path(url2pathname(urlparse(location).path)) if "://" in location else Path(
+        location)
+    return None if (folder / "MLmodel").is_file() else folder
+
+
+def _unusable(model, adapter_sha256: str) -> str | None:
+    """Why logged `model` cannot stand for the adapter whose digest is `adapter_sha256`."""
+    from mlflow.entities import LoggedModelStatus
+
+    if model.status != LoggedModelStatus.READY:
+        return f"it is {model.status} (its logging failed or was cut short)"
+    if model.tags.get(ADAPTER_DIGEST_TAG) != adapter_sha256:
+        return "it holds another adapter"
+    if folder := missing_files(model):
+        return f"its files are gone ({folder} holds no MLmodel)"
+    return None
+
+
 def log_model(adapter: Path, base: BaseReference, in_memory: Predictor | None = None) -> str:
     """Log the classifier as model `MODEL_NAME` of the active run; its model URI. Its
     code is `MODEL_CODE`, not a pickle. MLflow checks the input example against the
     signature, then loads the logged model and scores the example as its server would:
     `in_memory`, the classifier of `adapter` on `base` already in memory (the one just
-    trained), is then used instead of loading the base and adapter a second time."""
+    trained), is then used instead of loading the base and adapter a second time.
+
+    A run holds one such model: one it logged already with this adapter (a training
+    killed after logging it, then resumed) is returned as it is, and any other it holds
+    (another adapter, cut short, its files gone) is deleted once this one is logged."""
+    digest = file_sha256(adapter)
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    existing = logged_models(client, run.info.run_id, run.info.experiment_id)
+    reasons = {m.model_id: _unusable(m, digest) for m in existing}
+    kept = next((m for m in existing if reasons[m.model_id] is None), None)
+    if kept is not None:
+        log.info("run %s logged this adapter already: %s kept", run.info.run_id,
+                 kept.model_uri)
+    uri = kept.model_uri if kept is not None else _log_new(adapter, digest, base, in_memory)
+    for model in existing:
+        if model.model_uri != uri:
+            log.warning("run %s: %s deleted, %s; %s replaces it", run.info.run_id,
+                        model.model_uri, reasons[model.model_id] or "a second copy", uri)
+            client.delete_logged_model(model.model_id)
+    return uri
+
+
+def _log_new(adapter: Path, digest: str, base: BaseReference,
+             in_memory: Predictor | None) -> str:
+    """`log_model`'s logging proper: the new model's URI."""
     token = None
     if in_memory is not None:
-        token = _LOGGING.set(_InMemory(file_sha256(adapter), base, in_memory))
+        token = _LOGGING.set(_InMemory(digest, base, in_memory))
     try:
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(MODEL_CODE),
             artifacts={ADAPTER_ARTIFACT: str(adapter)},
             model_config={"base": asdict(base), **DEFAULT_CONFIG},
             signature=SIGNATURE, input_example=INPUT_EXAMPLE,
-            pip_requirements=_requirements())
+            pip_requirements=_requirements(), tags={ADAPTER_DIGEST_TAG: digest})
     finally:
         if token is not None:
             _LOGGING.reset(token)

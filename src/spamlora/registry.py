@@ -11,10 +11,9 @@ training (tagged `spamlora.training_run`) promotes the model of the run that tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import SpamloraError
-from .mlflow_model import MODEL_NAME
+from .mlflow_model import MODEL_NAME, logged_models, missing_files
 from .tracking import (
     EXPERIMENT,
     SPLIT_CONTEXTS,
@@ -178,25 +177,14 @@ def _known_experiments(client, experiment_id: str) -> list[str]:
 
 
 def _logged_model(client, run) -> object | None:
-    models = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_NAME}'")
+    models = logged_models(client, run.info.run_id, run.info.experiment_id)
     return models[0] if models else None
 
 
 def check_model_files(model) -> None:
-    """A logged model whose files are gone (its artifacts were kept in a folder that
-    was deleted, e.g. a `dvc exp run --temp` workspace) cannot be served: refuse it
-    before anything is registered. Only local artifact stores can be looked at here."""
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    location = model.artifact_location or ""
-    if urlparse(location).scheme not in ("", "file"):
-        return  # a server's or a bucket's: MLflow reports what it cannot fetch
-    folder = Path(url2pathname(urlparse(location).path)) if "://" in location else Path(
-        location)
-    if not (folder / "MLmodel").is_file():
+    """A logged model whose files are gone cannot be served: refuse it before anything
+    is registered."""
+    if folder := missing_files(model):
         raise PromotionError(f"the model of run {model.source_run_id} has no files any more "
                              f"({folder} holds no MLmodel): its artifacts were deleted. "
                              f"Rerun its training to log it again.")

@@ -92,6 +92,47 @@ def version_tags(stage: str, cwd: Path) -> dict[str, str]:
     return tags
 
 
+# The stash commit `dvc exp run` applies to the workspace it runs the stages in (its
+# own, or a `--temp` / `--queue` copy): its message is "dvc-exp:<rev>:<baseline>:<name>"
+# and its tree holds params.yaml with the experiment's -S values.
+DVC_EXP_MERGE = "refs/exps/exec/EXEC_MERGE"
+
+
+def check_experiment_params(params: dict[str, object], cwd: Path | None = None) -> None:
+    """Fail, before any run is started, when `params` (as the stage read them) are not
+    those DVC applied for its experiment `DVC_EXP_NAME`: a second `dvc exp run` in the
+    same workspace writes its -S values into params.yaml (then fails on DVC's lock), and
+    this run would be logged under this experiment's name with the other's values.
+    Outside `dvc exp run`, or where git shows no such commit, nothing is compared."""
+    import yaml
+
+    from .config import Params
+    from .stage import PARAMS_FILE
+
+    name, cwd = os.environ.get("DVC_EXP_NAME"), cwd or Path.cwd()
+    subject = _git(cwd, "log", "-1", "--format=%s", DVC_EXP_MERGE) if name else None
+    if not subject or not subject.startswith("dvc-exp:"):
+        return
+    applied_name = (subject.split(":") + [""] * 4)[3]
+    if applied_name != name:
+        what = f"DVC's {DVC_EXP_MERGE} now names experiment {applied_name!r}"
+    else:
+        text = _git(cwd, "show", f"{DVC_EXP_MERGE}:./{PARAMS_FILE}")
+        if text is None:
+            return
+        applied = Params.from_dict(yaml.safe_load(text),
+                                   f"{DVC_EXP_MERGE}:{PARAMS_FILE}").flat()
+        differ = [k for k, v in params.items() if k in applied and applied[k] != v]
+        if not differ:
+            return
+        what = "; ".join(f"{k} is {params[k]!r} here, DVC applied {applied[k]!r}"
+                         for k in differ)
+    raise SpamloraError(
+        f"{PARAMS_FILE}: another `dvc exp run` changed it during experiment {name!r} "
+        f"({what}), so nothing is logged under that name. Parallel experiments go "
+        f"through `dvc exp run --queue` or `--temp`")
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The file a `sqlite:///...` tracking URI names (None for a server)."""
     if not uri.startswith("sqlite:///"):
@@ -425,6 +466,7 @@ def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, ob
     (module docstring)."""
     import mlflow
 
+    check_experiment_params(params)
     client = _client()
     end_stale_runs()
     upstream_id = recorded_run(upstream_file)
