@@ -88,3 +88,31 @@ def test_rank_sweep_smoke_run(tmp_path):
             assert len(row["val_accuracy"]) == 1 and 0 <= row["mean"] <= 1
     assert "| 4 |" in proc.stdout  # the table it prints
     assert (REPO / "benchmarks" / "README.md").read_bytes() == readme  # --out: no edit
+
+
+@pytest.mark.e2e
+def test_profile_step_smoke_run(tmp_path):
+    """benchmarks/profile_step.py splits both trainings' steps by part: every part a step
+    must have is found in each (a profiler event put in the wrong part would leave one
+    empty), and the GEMMs get a ceiling."""
+    if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
+        pytest.skip("the benchmark needs the real SMS data")
+    out = tmp_path / "profile.json"
+    readme = (REPO / "benchmarks" / "README.md").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"),
+                           "--size", "tiny", "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == {"spamlora", "peer-tuned"}
+    for case in report["cases"].values():
+        parts = case["parts"]
+        for part in ("frozen GEMM forward", "frozen GEMM input-grad", "LoRA products",
+                     "head", "attention", "GELU", "LayerNorm", "optimizer"):
+            assert parts[part]["ms"] > 0, part
+        for part in ("frozen GEMM forward", "frozen GEMM input-grad", "LoRA products"):
+            assert parts[part]["gflops"] > 0 and parts[part]["ceiling_gflops"] > 0, part
+        assert case["computed_tokens_per_step"] >= case["real_tokens_per_step"] > 0
+        assert case["wall_ms_per_step"] > 0
+    assert "| frozen GEMM forward |" in proc.stdout
+    assert (REPO / "benchmarks" / "README.md").read_bytes() == readme  # no --readme: no edit
