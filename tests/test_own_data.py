@@ -456,3 +456,16 @@ def test_bad_data_params_are_named(key, value, message):
     extra = {"classes": ["a", "b"]} if key == "positive" else {}
     with pytest.raises(ParamsError, match=rf"^params\.yaml: {message}"):
         params(**{"positive": None, **extra, key: value})
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(path)
+
+    def no_engine(*args, **kwargs):
+        raise ImportError("Unable to find a usable engine")
+
+    monkeypatch.setattr(pd, "read_parquet", no_engine)
+    with pytest.raises(FormatError, match=r"t\.parquet: reading Parquet needs pyarrow: pip "
+                                          r"install 'spamlora\[parquet\]'"):
+        read_labelled_file(path, "parquet", "text", "label")

@@ -323,7 +323,7 @@ def check_split(parts: dict[str, pd.DataFrame], classes: Classes, source: str | 
                 hint = "" if stratify else ", or set data.stratify: true"
                 raise DataError(
                     f"{source}: class {name!r} has {total} message(s), and the split "
-                    f"leaves none of them for {split_name}; add messages of {name!r}, "
+                    f"leaves none of them for {split_name}: add messages of {name!r} or "
                     f"change data.train_frac / data.val_frac{hint}")
 
 

@@ -395,7 +395,7 @@ def run_inputs(stage: str, data: DataParams, paths: Paths) -> RunInputs:
     deps = stage_definition(stage, paths)["deps"]
     return RunInputs({name: paths.split(name) for name in SPLITS},
                      {"data.url": data.url, "data.sha256": data.sha256,
-                      "data.dedupe": data.dedupe},
+                      "data.format": data.format, "data.dedupe": data.dedupe},
                      [paths.root / d for d in deps if not d.startswith(("src/", "stages/"))])
 
 
