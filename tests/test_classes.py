@@ -17,11 +17,11 @@ import yaml
 from spamlora import cli
 from spamlora.adapter import read_adapter
 from spamlora.config import Params
-from spamlora.evaluate import classification_metrics, flat_metrics, metric_name
+from spamlora.evaluate import classification_metrics, flat_metrics
 from spamlora.fileio import read_json
 from spamlora.paths import SPLITS, Paths
 from spamlora.registry import promote
-from spamlora.tracking import RUN_ID_KEY, STORE_FILE
+from spamlora.tracking import RUN_ID_KEY, STORE_FILE, metric_name
 
 from .conftest import REPO
 from .test_own_data import FIXTURE, params, stage, texts
@@ -219,3 +219,13 @@ def test_evaluate_refuses_an_adapter_trained_for_other_classes(pipeline, tmp_pat
                                         r"'delivery', 'promotion'\], but data/classes\.json "
                                         r"has \['a', 'b', 'c'\]"):
         stage("evaluate")(p)
+
+
+def test_metrics_copied_into_a_new_run_take_the_same_safe_names():
+    """An evaluate-only rerun copies eval.json's numbers into its run: the class names
+    become the names the evaluate stage logs."""
+    from spamlora.tracking import _numeric_metrics
+
+    tree = {"test": {"per_class": {"a/b": {"f1": 0.5}}, "accuracy": 0.75}}
+    assert _numeric_metrics(tree) == {"test.per_class.a_b.f1": 0.5, "test.accuracy": 0.75}
+    assert set(_numeric_metrics(tree)) == set(flat_metrics(tree["test"], "test"))

@@ -7,13 +7,12 @@ cases and the textbook definitions.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 from sklearn import metrics
 
 from .inference import predictions, softmax
+from .tracking import metric_name
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
@@ -94,12 +93,6 @@ def micro_average(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     class's probability its score: the one ROC or precision-recall curve for n classes."""
     onehot = np.eye(probs.shape[1], dtype=int)[np.asarray(labels)]
     return onehot.ravel(), probs.ravel()
-
-
-def metric_name(name: str) -> str:
-    """A class name as MLflow accepts it in a metric name (letters, digits, `_`, `-`,
-    space; dots would read as nesting): anything else becomes `_`."""
-    return re.sub(r"[^\w\- ]", "_", name).strip() or "_"
 
 
 def flat_metrics(tree: dict, prefix: str) -> dict[str, float]:
