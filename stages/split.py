@@ -2,24 +2,38 @@
 
 from spamlora import stage
 from spamlora.config import Params
-from spamlora.data import read_labelled_csv, split, split_counts, write_csv
+from spamlora.data import (
+    Classes,
+    check_split,
+    label_conflicts,
+    read_labelled_csv,
+    split,
+    split_counts,
+    write_csv,
+)
 from spamlora.fileio import write_json
-from spamlora.paths import Paths
+from spamlora.paths import SPLITS, Paths
 
 
 def main(params: Params) -> None:
-    paths = Paths()
-    parts = split(read_labelled_csv(paths.balanced), params.data.train_frac, params.data.val_frac,
-                  params.data.seed)
+    paths, data = Paths(), params.data
+    classes = Classes.read(paths.classes)
+    balanced = read_labelled_csv(paths.balanced)
+    parts = split(balanced, data.train_frac, data.val_frac, data.seed, data.stratify)
+    check_split(parts, classes, paths.balanced, data.stratify)
     for name, part in parts.items():
         write_csv(part, paths.split(name))
-    counts = split_counts(parts)
-    write_json(paths.metrics("data"), counts)
-    print(" / ".join(f"{name} {c['rows']:,}" for name, c in counts.items()))
+    counts = split_counts(parts, classes)
+    conflicts = label_conflicts(balanced, classes)
+    write_json(paths.metrics("data"), {**counts, "label_conflicts": conflicts})
+    print(" / ".join(f"{name} {counts[name]['rows']:,}" for name in SPLITS))
     for name in ("validation", "test"):
         if counts[name]["in_train"]:
             print(f"note: {counts[name]['in_train']} {name} messages have a copy in train "
                   f"(data.dedupe: true removes duplicate texts)")
+    if conflicts["texts"]:
+        print(f"note: {conflicts['texts']} texts ({conflicts['messages']} messages) are in "
+              f"the splits with two or more labels (examples in metrics/data.json)")
 
 
 if __name__ == "__main__":

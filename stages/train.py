@@ -26,7 +26,7 @@ from spamlora.batching import encode, truncate
 from spamlora.checkpoint import Checkpoints, computation_key, read_owner, stored
 from spamlora.classifier import build_classifier, format_summary, parameter_counts
 from spamlora.config import Params
-from spamlora.data import read_labelled_csv, write_csv
+from spamlora.data import Classes, read_labelled_csv, write_csv
 from spamlora.errors import SpamloraError
 from spamlora.fileio import write_json
 from spamlora.mlflow_model import BaseReference, log_model
@@ -72,9 +72,11 @@ def main(params: Params) -> None:
             print(f"warning: {len(cut)} training and {len(val_cut)} validation messages "
                   f"truncated to {max_length} tokens")
 
-        lora = params.lora
+        lora, classes = params.lora, Classes.read(paths.classes)
         spec = AdapterSpec(params.model.name, base.cfg, lora.rank, lora.alpha, lora.dropout,
-                           tuple(lora.targets), num_classes=2, max_length=max_length,
+                           tuple(lora.targets), num_classes=len(classes.names),
+                           classes=classes.names, positive=classes.positive,
+                           max_length=max_length,
                            pad_id=tokenizer.pad_id, init=lora.init,
                            base_sha256=base_fingerprint(paths.base_model))
         model = build_classifier(base, spec, seed=tp.seed)

@@ -333,7 +333,7 @@ def test_ctrl_c_in_predict_stops_with_130_and_no_traceback(capsys, adapter, tiny
     def interrupted(self, texts):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Predictor, "spam_probabilities", interrupted)
+    monkeypatch.setattr(Predictor, "probabilities", interrupted)
     (tmp_path / "m.txt").write_text("one\ntwo\n")
     code, out, err = predict(capsys, adapter, tiny_gpt2, "--file", str(tmp_path / "m.txt"))
     assert code == 130 and err.strip() == "spamlora predict: stopped"

@@ -198,8 +198,8 @@ def test_the_example_is_scored_by_the_classifier_in_memory_not_a_second_load(
 
     in_memory = Predictor(store["base"], store["adapter"], precision="fp32")
     scored = []
-    score = in_memory.spam_probabilities
-    monkeypatch.setattr(in_memory, "spam_probabilities",
+    score = in_memory.probabilities
+    monkeypatch.setattr(in_memory, "probabilities",
                         lambda texts: scored.append(list(texts)) or score(texts))
     loads = []
     load = spamlora.predictor.load_classifier

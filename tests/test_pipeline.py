@@ -71,7 +71,8 @@ def test_repro_writes_every_output(pipeline):
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["roc_auc"] <= 1
         assert sum(m["confusion"].values()) == m["examples"]
     predictions = pd.read_csv(paths.test_predictions)
-    assert list(predictions.columns) == ["id", "label", "predicted", "spam_probability"]
+    assert list(predictions.columns) == ["id", "label", "predicted", "ham_probability",
+                                         "spam_probability"]
     assert len(predictions) == evaluation["test"]["examples"]
     history = pd.read_csv(paths.plot_data("history"))
     assert history["epoch"].tolist() == [1, 2]

@@ -136,10 +136,10 @@ def test_the_train_stage_checks_its_logged_model_without_loading_it_again(worksp
     from spamlora.mlflow_model import INPUT_EXAMPLE
 
     loads, scored = [], []
-    load, score = predictor.load_classifier, predictor.Predictor.spam_probabilities
+    load, score = predictor.load_classifier, predictor.Predictor.probabilities
     monkeypatch.setattr(predictor, "load_classifier",
                         lambda *a, **k: loads.append(a) or load(*a, **k))
-    monkeypatch.setattr(predictor.Predictor, "spam_probabilities",
+    monkeypatch.setattr(predictor.Predictor, "probabilities",
                         lambda self, texts: scored.append(list(texts)) or score(self, texts))
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(
@@ -347,7 +347,8 @@ def test_a_tracking_server_receives_the_pipeline_run(workspace, mlflow_server, m
     done = promote(best="validation.accuracy")
     assert done.run_id == run.info.run_id
     loaded = mlflow.pyfunc.load_model(done.alias_uri, model_config={"precision": "fp32"})
-    assert list(loaded.predict(["win a prize now"]).columns) == ["label", "spam_probability"]
+    assert list(loaded.predict(["win a prize now"]).columns) == [
+        "label", "spam_probability", "probabilities"]
 
     proc.terminate()
     proc.wait(timeout=30)

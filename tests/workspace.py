@@ -22,7 +22,7 @@ def stage_workspace(root: Path, base_model: Path) -> Path:
     evaluate and plot stages without DVC."""
     import pandas as pd
 
-    from spamlora.data import write_csv
+    from spamlora.data import DEFAULT_CLASSES, write_csv
     from spamlora.paths import Paths
 
     from .conftest import sms_lines
@@ -38,6 +38,7 @@ def stage_workspace(root: Path, base_model: Path) -> Path:
     for name, part in (("train", df[:50]), ("validation", df[50:65]),
                        ("test", pd.concat([df[65:], copies]))):
         write_csv(part, paths.split(name))
+    DEFAULT_CLASSES.write(paths.classes)
     return root
 
 

@@ -40,6 +40,7 @@ DIGEST_KEY = "tensors_sha256"
 MAX_BASE_CONFIG = {"n_layers": 256, "emb_dim": 16384, "n_heads": 16384,
                    "vocab_size": 1 << 20, "context_length": 1 << 20}
 SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_CLASSES = 1 << 16  # a crafted count would size the head
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ class AdapterSpec:
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(TARGET_MODULES)
     num_classes: int = 2
+    # The class names in the head's output order and, of two, the positive one; None
+    # (adapters written before classes could be named): ham, spam, the second positive.
+    classes: tuple[str, ...] | None = None
+    positive: str | None = None
     max_length: int = 1024
     pad_id: int = 50256
     init: str = "reference"
@@ -86,8 +91,16 @@ class AdapterSpec:
              and all(isinstance(t, str) and t in TARGET_MODULES for t in targets)
              and len(set(targets)) == len(targets), "targets",
              f"must be a non-empty subset of {list(TARGET_MODULES)}, each named once"),
-            (lambda: _is_int(self.num_classes) and self.num_classes == 2, "num_classes",
-             "must be 2 (spam/ham)"),
+            (lambda: _is_int(self.num_classes) and 2 <= self.num_classes <= MAX_CLASSES,
+             "num_classes", f"must be an integer in [2, {MAX_CLASSES}]"),
+            (lambda: self.classes is None or (
+                isinstance(self.classes, tuple) and len(self.classes) == self.num_classes
+                and all(isinstance(c, str) and c for c in self.classes)
+                and len(set(self.classes)) == len(self.classes)), "classes",
+             "must be null or name each of num_classes classes once"),
+            (lambda: self.positive is None or (
+                self.num_classes == 2 and self.positive in self.class_names), "positive",
+             "must be null or, for two classes, one of them"),
             (lambda: _is_int(self.max_length) and 1 <= self.max_length <= cfg.context_length,
              "max_length", f"must be an integer in [1, {cfg.context_length}]"),
             (lambda: _is_int(self.pad_id) and 0 <= self.pad_id < cfg.vocab_size, "pad_id",
@@ -104,6 +117,20 @@ class AdapterSpec:
             if not ok():
                 raise _invalid(source, field, rule, getattr(self, field))
         return self
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        if self.classes is not None:
+            return self.classes
+        return ("ham", "spam") if self.num_classes == 2 else tuple(
+            str(i) for i in range(self.num_classes))
+
+    @property
+    def positive_index(self) -> int | None:
+        """The positive class of two (the second unless named); None for more."""
+        if self.num_classes != 2:
+            return None
+        return 1 if self.positive is None else self.class_names.index(self.positive)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The name and shape of every tensor the adapter file must hold."""
@@ -126,6 +153,8 @@ class AdapterSpec:
         d = asdict(self)
         d["base_config"] = asdict(self.base_config)
         d["targets"] = list(self.targets)
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
         stored = {"format": ADAPTER_FORMAT, "spec": d}
         if tensors_sha256 is not None:
             stored[DIGEST_KEY] = tensors_sha256
@@ -141,6 +170,8 @@ class AdapterSpec:
             if not isinstance(d["targets"], list):
                 raise TypeError(f"targets must be a list, got {d['targets']!r}")
             d["targets"] = tuple(d["targets"])
+            if isinstance(d.get("classes"), list):
+                d["classes"] = tuple(d["classes"])
             spec = cls(**d)
         except AdapterError:
             raise

@@ -207,10 +207,15 @@ def _utf8_stdout() -> TextIO | _Utf8Stdout:
 
 
 class _Writer:
-    """Writes results as they come: a CSV header or the table's once, then rows."""
+    """Writes results as they come: a CSV header or the table's once, then rows. The
+    table shows one probability: of two classes the positive one's (`spam_prob`), of
+    more the predicted class's (`prob`)."""
 
-    def __init__(self, fmt: str, out: TextIO | _Utf8Stdout):
+    def __init__(self, fmt: str, out: TextIO | _Utf8Stdout,
+                 classes: tuple[str, ...] = ("ham", "spam"), positive: str | None = "spam"):
         self.fmt, self.out, self.started = fmt, out, False
+        self.positive = positive
+        self.width = max(6, *map(len, classes))
 
     def write(self, results: list[dict]) -> None:
         if self.fmt == "jsonl":
@@ -223,22 +228,25 @@ class _Writer:
                 writer.writeheader()
             writer.writerows(results)
         else:
-            width = 60
+            width, column = 60, (f"{self.positive}_prob" if self.positive else "prob")
+            shown = max(9, len(column))
             if not self.started:
-                print(f"{'label':<6} {'spam_prob':>9}  message", file=self.out)
+                print(f"{'label':<{self.width}} {column:>{shown}}  message", file=self.out)
             for row in results:
                 text = row["text"].replace("\n", " ")
                 text = text if len(text) <= width else text[: width - 1] + "…"
-                print(f"{row['label']:<6} {row['spam_probability']:>9.4f}  {text}",
+                prob = row[f"{self.positive or row['label']}_probability"]
+                print(f"{row['label']:<{self.width}} {prob:>{shown}.4f}  {text}",
                       file=self.out)
         self.started = True
         self.out.flush()
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from .inference import predictions
     from .predictor import Predictor
 
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
     messages = _read_messages(args)
     first = next(messages)  # an empty input fails here, before the model loads
@@ -254,7 +262,15 @@ def _predict(args: argparse.Namespace) -> None:
                               args.adapter or Paths().adapter, device=args.device,
                               precision=args.precision, batch_size=args.batch_size,
                               strict=args.strict)
-    writer = _Writer(args.format, _utf8_stdout())
+    spec = predictor.spec
+    classes, positive = spec.class_names, spec.positive_index
+    if positive is None and args.threshold is not None:
+        raise UsageError(f"--threshold is for two classes; this adapter has "
+                         f"{len(classes)} ({', '.join(classes)}): each message gets the "
+                         f"most probable")
+    threshold = 0.5 if args.threshold is None else args.threshold
+    writer = _Writer(args.format, _utf8_stdout(), classes,
+                     None if positive is None else classes[positive])
     chunk = [first]
     for item in itertools.chain(messages, [None]):
         if item is not None:
@@ -264,13 +280,15 @@ def _predict(args: argparse.Namespace) -> None:
         if not chunk:
             break
         texts = [text for text, _ in chunk]
-        probs, truncated = predictor.spam_probabilities(texts)
+        probs, truncated = predictor.probabilities(texts)
         for i in truncated:
             print(f"warning: {chunk[i][1]} is longer than {predictor.spec.max_length} "
                   f"tokens and was truncated", file=sys.stderr)
-        writer.write([{"text": t, "label": "spam" if p >= args.threshold else "ham",
-                       "spam_probability": float(p)}
-                      for t, p in zip(texts, probs, strict=True)])
+        labels = predictions(probs, positive, threshold)
+        writer.write([{"text": t, "label": classes[label],
+                       **{f"{c}_probability": float(p) for c, p in zip(classes, row,
+                                                                       strict=True)}}
+                      for t, label, row in zip(texts, labels, probs, strict=True)])
         chunk = []
 
 
@@ -340,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiments of every commit, not only those of HEAD")
     r.set_defaults(func=_sweep_report)
 
-    p = sub.add_parser("predict", help="classify messages with a trained adapter")
+    p = sub.add_parser("predict", help="classify messages with a trained adapter: the "
+                                       "label, and with --format jsonl/csv each class's "
+                                       "probability (<class>_probability)")
     p.add_argument("texts", nargs="*", help="messages; '-' reads one a line from stdin")
     p.add_argument("--file", help="a file of messages, one a line ('-': stdin), or a CSV "
                                   "with --text-column")
@@ -356,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "models:/spamlora-sms@champion (the store: MLFLOW_TRACKING_URI, "
                         "else ./mlflow.db)")
     p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="spam when the spam probability is at least this")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="two classes: the positive one (spam) when its probability is at "
+                        "least this (default 0.5); more classes: not allowed, the most "
+                        "probable wins")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")

@@ -38,24 +38,56 @@ class DownloadParams:
         err(self.retries >= 0, "retries", "must be >= 0")
 
 
+DATA_FORMATS = ("uci-sms", "csv", "tsv", "jsonl", "parquet")
+BALANCE_MODES = ("undersample", "none")
+# Keys of each split's counts in metrics/data.json beside the class names: a class may not
+# be called so.
+RESERVED_CLASS_NAMES = ("rows", "in_train")
+
+
 @dataclass(frozen=True)
 class DataParams:
+    format: str = "uci-sms"  # uci-sms: the SMS Spam Collection zip; else a labelled file
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
     mirrors: list[str] = field(default_factory=list)
     sha256: str | None = None
+    text_column: str = "text"  # csv, tsv, jsonl, parquet: the message's column (key)
+    label_column: str = "label"
+    # The classes in order: the head's outputs and every report follow it. None: the
+    # sorted distinct labels of the data (uci-sms: ham, spam).
+    classes: list[str] | None = None
+    # Two classes: the one whose precision, recall and ROC are reported (None: the second).
+    positive: str | None = "spam"
     on_bad_line: str = "error"
     dedupe: bool = False  # drop repeated texts before balancing: no text in two splits
+    balance: str = "undersample"  # undersample: every class cut to the smallest | none
+    stratify: bool = False  # split each class in the same fractions
     seed: int = 123
     train_frac: float = 0.7
     val_frac: float = 0.1
 
     def check(self, err) -> None:
+        err(self.format in DATA_FORMATS, "format",
+            f"must be one of {list(DATA_FORMATS)}, got {self.format!r}")
         for i, url in enumerate([self.url, *self.mirrors]):
             err(_url_ok(url), "url" if i == 0 else f"mirrors[{i - 1}]",
                 f"must be an {'/'.join(URL_SCHEMES)} URL or a local path, got {url!r}")
         err(self.sha256 is None or _is_sha256(self.sha256), "sha256",
             "must be 64 hex digits or null")
+        err(bool(self.text_column), "text_column", "must name a column")
+        err(bool(self.label_column), "label_column", "must name a column")
+        err(self.text_column != self.label_column, "label_column",
+            f"must differ from data.text_column, got {self.label_column!r} for both")
+        if self.classes is not None:
+            check_class_names(self.classes, lambda ok, why: err(ok, "classes", why))
+            err(self.positive is None or len(self.classes) == 2, "positive",
+                f"is for two classes only: set it to null for the {len(self.classes)} "
+                f"classes {self.classes}")
+            err(self.positive is None or self.positive in self.classes, "positive",
+                f"must be one of data.classes {self.classes} or null, got {self.positive!r}")
         err(self.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
+        err(self.balance in BALANCE_MODES, "balance",
+            f"must be one of {list(BALANCE_MODES)}, got {self.balance!r}")
         err(0 < self.train_frac < 1, "train_frac", "must lie in (0, 1)")
         err(0 < self.val_frac < 1, "val_frac", "must lie in (0, 1)")
         err(self.train_frac + self.val_frac < 1, "val_frac",
@@ -197,6 +229,16 @@ def load_params(path: str | Path) -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return Params.from_dict(raw, source=str(path))
+
+
+def check_class_names(classes: list[str], err) -> None:
+    """Rules for a list of class names, from params.yaml or found in the data."""
+    err(len(classes) >= 2, f"must list two or more classes, got {classes}")
+    err(all(c != "" for c in classes), f"must not hold an empty name, got {classes}")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    err(not twice, f"names {twice} more than once")
+    reserved = [c for c in classes if c in RESERVED_CLASS_NAMES or c.endswith("_in_train")]
+    err(not reserved, f"may not use the names {reserved} (metrics/data.json's own keys)")
 
 
 def _is_sha256(value: object) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePath
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from tqdm import tqdm
 
@@ -39,6 +40,14 @@ class Downloaded:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Located(Downloaded):
+    """A source as `locate` found it: `path` is where to read it, the local source
+    itself (read in place) or the file it was downloaded to."""
+    path: str
+    in_place: bool
 
 
 class _Retryable(Exception):
@@ -66,6 +75,14 @@ def to_url(source: str, flavour: type[PurePath] | None = None) -> str:
     if not path.is_absolute():
         raise ValueError(f"{source!r} is not an absolute {flavour.__name__}")
     return path.as_uri()
+
+
+def local_path(source: str) -> Path | None:
+    """The file a plain path or `file://` URL names; None for an http(s) URL."""
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return None if is_url(source) else Path(source).expanduser()
 
 
 def join_url(base: str, name: str) -> str:
@@ -146,3 +163,55 @@ def download(
         failures.append(failure)
         log.warning("%s", failure)
     raise DownloadError(f"could not download {dest.name}:\n  " + "\n  ".join(failures))
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def locate(
+    sources: Sequence[str],
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> Located:
+    """As `download`, except that a local source (a plain path or a `file://` URL) is
+    not copied: it is hashed where it is and read there (`Located.path`), so a large
+    file is not stored twice. A local source that is missing or has another sha256 moves
+    on to the next source, as an unanswered URL does."""
+    if not sources:
+        raise DownloadError(f"{dest}: no source to read from")
+    failures: list[str] = []
+    for source in sources:
+        path = local_path(source)
+        if path is None:
+            try:
+                got = download([source], dest, sha256=sha256, timeout=timeout,
+                               retries=retries, backoff=backoff)
+            except DownloadError as e:
+                failures.append(str(e).removeprefix(f"could not download {Path(dest).name}:"
+                                                    f"\n  "))
+                continue
+            return Located(got.url, got.sha256, got.bytes, str(dest), in_place=False)
+        if not path.is_file():
+            failures.append(f"{source}: not found" if not path.exists() else
+                            f"{source}: not a file")
+            continue
+        digest, size = file_digest(path)
+        if sha256 is not None and digest != sha256.lower():
+            failures.append(f"{source}: sha256 {digest} does not match the expected "
+                            f"{sha256.lower()}")
+            continue
+        return Located(source, digest, size, str(path), in_place=True)
+    for failure in failures:
+        log.warning("%s", failure)
+    raise DownloadError(f"could not read {Path(dest).name} from any source:\n  "
+                        + "\n  ".join(failures))

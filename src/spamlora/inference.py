@@ -23,6 +23,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def predictions(probs: np.ndarray, positive_index: int | None = 1,
+                threshold: float = 0.5) -> np.ndarray:
+    """Predicted class indices: of two classes, the positive one where its probability is
+    at least `threshold` (a tie goes to it, as it always has for spam); of more, the most
+    probable. Shared by evaluate, predict and the served model, so all three agree."""
+    if probs.shape[1] == 2 and positive_index is not None:
+        return np.where(probs[:, positive_index] >= threshold, positive_index,
+                        1 - positive_index)
+    return probs.argmax(axis=1)
+
+
 @torch.inference_mode()
 def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
                    batch_size: int, device: torch.device,

@@ -43,11 +43,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import AnyType
+from mlflow.types.schema import AnyType, DataType, Map
 
+from .adapter import AdapterSpec, read_adapter
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .hub import MODEL_FILES, file_sha256
+from .inference import predictions
 from .predictor import Predictor
 from .presets import PRESETS
 from .weights import base_fingerprint, fetch_model, spamlora_cache_dir
@@ -70,6 +72,18 @@ TEXT_COLUMN = "text"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType())]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]))
+
+
+def signature(spec: AdapterSpec) -> ModelSignature:
+    """The served model's columns: `label` (a class name) and `probabilities` keyed by
+    class; of two classes also the positive one's, `<positive>_probability` (the SMS
+    model's `spam_probability`, which clients of old read)."""
+    outputs = [ColSpec("string", "label")]
+    if spec.positive_index is not None:
+        outputs.append(ColSpec("double",
+                               f"{spec.class_names[spec.positive_index]}_probability"))
+    outputs.append(ColSpec(Map(DataType.double), "probabilities"))
+    return ModelSignature(inputs=SIGNATURE.inputs, outputs=Schema(outputs))
 INPUT_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize reward! Call now",
                  "Are we still on for lunch tomorrow?"]
 # What a logged model's `model_config` holds besides its base reference; each can be
@@ -295,7 +309,7 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
                            f"here, {max(left, 0):.0f} s of the request timeout "
                            f"({limit:.0f} s) were left")
             start = time.monotonic()
-            probs, truncated = self.predictor.spam_probabilities(texts)
+            probs, truncated = self.predictor.probabilities(texts)
             rate = (time.monotonic() - start) / len(texts)
             self.seconds_per_message = rate if not self.seconds_per_message else (
                 0.7 * self.seconds_per_message + 0.3 * rate)
@@ -304,8 +318,14 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         for i in truncated:
             log.warning("message %d is longer than %d tokens and was truncated", i,
                         self.predictor.spec.max_length)
-        return pd.DataFrame({"label": np.where(probs >= self.threshold, "spam", "ham"),
-                             "spam_probability": probs})
+        spec = self.predictor.spec
+        names, positive = spec.class_names, spec.positive_index
+        out = {"label": np.array(names)[predictions(probs, positive, self.threshold)]}
+        if positive is not None:
+            out[f"{names[positive]}_probability"] = probs[:, positive]
+        out["probabilities"] = [dict(zip(names, map(float, row), strict=True))
+                                for row in probs]
+        return pd.DataFrame(out)
 
 
 @dataclass(frozen=True)
@@ -482,7 +502,9 @@ def _log_new(adapter: Path, digest: str, base: BaseReference,
             name=MODEL_NAME, python_model=str(MODEL_CODE),
             artifacts={ADAPTER_ARTIFACT: str(adapter)},
             model_config={"base": asdict(base), **DEFAULT_CONFIG},
-            signature=SIGNATURE, input_example=INPUT_EXAMPLE,
+            signature=signature(in_memory.spec if in_memory is not None
+                                else read_adapter(adapter)[0]),
+            input_example=INPUT_EXAMPLE,
             pip_requirements=_requirements(), tags={ADAPTER_DIGEST_TAG: digest})
     finally:
         if token is not None:

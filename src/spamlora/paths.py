@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,36 @@ class Paths:
     def raw_download_record(self) -> Path:
         return self.raw_dir / "download.json"
 
+    def raw_file(self, fmt: str) -> Path:
+        """Where a labelled file of format `fmt` fetched from a URL is put (a local one
+        is read where it is)."""
+        return self.raw_dir / f"messages.{fmt}"
+
     # balance, split
     @property
     def balanced(self) -> Path:
         return self.root / "data" / "balanced.csv"
+
+    @property
+    def classes(self) -> Path:
+        """The class names in index order (the split files hold indices), and the
+        positive class of two."""
+        return self.root / "data" / "classes.json"
+
+    def stage_deps(self, stage: str, params: dict[str, object]) -> list[Path]:
+        """The paths dvc.yaml lists as `stage`'s deps, `${section.key}` filled in from
+        `params` (`Params.flat()`), each relative to the workspace root; none where
+        there is no dvc.yaml."""
+        import yaml
+
+        try:
+            text = (self.root / "dvc.yaml").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        deps = (yaml.safe_load(text).get("stages", {}).get(stage) or {}).get("deps") or []
+        filled = [re.sub(r"\$\{\s*([^}]+?)\s*\}", lambda m: str(params.get(m[1], m[0])), d)
+                  for d in deps if isinstance(d, str)]
+        return [self.root / d for d in filled]
 
     def split(self, name: str) -> Path:
         return self.root / "data" / f"{name}.csv"

@@ -53,6 +53,15 @@ class Predictor:
         return predict_logits(self.model, ids, self.spec.pad_id, self.batch_size,
                               self.device, self.dtype), truncated
 
-    def spam_probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Each class's probability (n, classes), in `spec.class_names` order."""
         logits, truncated = self.logits(texts)
-        return softmax(logits.astype(np.float64))[:, 1], truncated
+        return softmax(logits.astype(np.float64)), truncated
+
+    def spam_probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """The positive class's probability (of two classes: spam for the SMS data)."""
+        if self.spec.positive_index is None:
+            raise AdapterError(f"this adapter has {self.spec.num_classes} classes, not a "
+                               f"positive one of two: use probabilities()")
+        probs, truncated = self.probabilities(texts)
+        return probs[:, self.spec.positive_index], truncated

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -395,7 +396,7 @@ def run_inputs(stage: str, data: DataParams, paths: Paths) -> RunInputs:
     deps = stage_definition(stage, paths)["deps"]
     return RunInputs({name: paths.split(name) for name in SPLITS},
                      {"data.url": data.url, "data.sha256": data.sha256,
-                      "data.dedupe": data.dedupe},
+                      "data.format": data.format, "data.dedupe": data.dedupe},
                      [paths.root / d for d in deps if not d.startswith(("src/", "stages/"))])
 
 
@@ -496,11 +497,17 @@ def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, ob
     return run_id
 
 
+def metric_name(name: str) -> str:
+    """A key (a class name) as MLflow accepts it in a metric name (letters, digits, `_`,
+    `-`, space; dots would read as nesting): anything else becomes `_`."""
+    return re.sub(r"[^\w\- ]", "_", name).strip() or "_"
+
+
 def _numeric_metrics(tree: object, prefix: str = "") -> dict[str, float]:
     if isinstance(tree, dict):
         out = {}
         for key, value in tree.items():
-            out.update(_numeric_metrics(value, f"{prefix}{key}."))
+            out.update(_numeric_metrics(value, f"{prefix}{metric_name(str(key))}."))
         return out
     if isinstance(tree, (int, float)) and not isinstance(tree, bool):
         return {prefix.rstrip("."): float(tree)}
