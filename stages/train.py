@@ -1,4 +1,5 @@
-"""Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run.
+"""Stage train: the GPT-2 classifier (LoRA or `train.trainable`'s weights), every step and
+epoch logged to one MLflow run.
 
 With `train.nproc > 1` the stage reruns itself under torchrun (DistributedDataParallel);
 only rank 0 writes outputs, checkpoints and talks to MLflow.
@@ -76,7 +77,8 @@ def main(params: Params) -> None:
         spec = AdapterSpec(params.model.name, base.cfg, lora.rank, lora.alpha, lora.dropout,
                            tuple(lora.targets), num_classes=2, max_length=max_length,
                            pad_id=tokenizer.pad_id, init=lora.init,
-                           base_sha256=base_fingerprint(paths.base_model))
+                           base_sha256=base_fingerprint(paths.base_model),
+                           trainable=tp.trainable, token=tp.token)
         model = build_classifier(base, spec, seed=tp.seed)
         counts = parameter_counts(model)
         if main_process:

@@ -16,7 +16,7 @@ from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
 from spamlora.weights import load_gpt2
 
-from .conftest import sms_lines
+from .conftest import make_hf_gpt2, sms_lines
 
 CPU = torch.device("cpu")
 
@@ -162,3 +162,42 @@ def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gp
     monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 3600.0)
     run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=1))
     assert "examples/s" not in capsys.readouterr().out
+
+
+# The default recipe's numbers (trainable: lora, token: last, packed) as the code before
+# the trainable/token modes computed them (issue 24), for the build they were measured
+# on: a bit-level change to the default computation fails here.
+DEFAULT_RESULT = {
+    "build": ("2.13.0+cpu", "AVX512"),
+    "tensors_sha256": "d09cf70cfbf24d20f6b2aa550d59614d65b7bad3035bd3eea30654ba66d57339",
+    "first_step_losses": ["0x1.7693040000000p-1", "0x1.7a54f80000000p-1"],
+    "val_loss": "0x1.42fa240000000p-1",
+}
+
+
+def test_the_default_modes_give_the_same_bits_as_before_they_existed(tmp_path):
+    from spamlora.adapter import tensors_digest, trainable_state
+
+    build = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    if build != DEFAULT_RESULT["build"]:
+        pytest.skip(f"reference bits measured with torch {DEFAULT_RESULT['build']}, this "
+                    f"is {build}")
+    folder = make_hf_gpt2(tmp_path / "g", tokenizer=False, vocab_size=257)
+    base = load_gpt2(folder)
+    model = build_classifier(base, AdapterSpec("tiny", base.cfg, rank=4, alpha=8,
+                                               max_length=64, pad_id=0), seed=3)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 257, size=n).tolist() for n in rng.integers(1, 40, size=48)]
+    labels = np.array([len(t) % 2 for t in ids])
+    params = TrainParams(epochs=1, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3)
+    assert (params.trainable, params.token, params.padding) == ("lora", "last", "packed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = train_classifier(model, ids[:40], labels[:40], ids[40:], labels[40:],
+                                   params, 0, 64, CPU, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert tensors_digest(trainable_state(model)) == DEFAULT_RESULT["tensors_sha256"]
+    assert [x.hex() for x in history.step_losses[:2]] == DEFAULT_RESULT["first_step_losses"]
+    assert history.epochs[-1].val_loss.hex() == DEFAULT_RESULT["val_loss"]

@@ -19,7 +19,7 @@ import yaml
 from .download import URL_SCHEMES, is_url
 from .errors import SpamloraError
 from .hub import MODEL_FILES, resolve_revision, resolve_sha256
-from .presets import LORA_INITS, PRESETS, TARGET_MODULES
+from .presets import LORA_INITS, PRESETS, TARGET_MODULES, TOKENS, TRAINABLE
 
 LORA_TARGETS = tuple(TARGET_MODULES)
 
@@ -139,8 +139,13 @@ class TrainParams:
     group_by_length: bool = False  # draw batches from messages of similar length
     nproc: int = 1  # processes under torchrun (DistributedDataParallel); batch is global
     checkpoint_seconds: float = 300.0  # also at every epoch's end; 0: after every step
+    trainable: str = "lora"  # what is trained besides the head (presets.TRAINABLE)
+    token: str = "last"  # which hidden state of each message the head reads
 
     def check(self, err) -> None:
+        err(self.trainable in TRAINABLE, "trainable",
+            f"must be one of {list(TRAINABLE)}, got {self.trainable!r}")
+        err(self.token in TOKENS, "token", f"must be one of {list(TOKENS)}, got {self.token!r}")
         err(self.epochs >= 1, "epochs", "must be >= 1")
         err(self.batch_size >= 1, "batch_size", "must be >= 1")
         err(self.lr > 0, "lr", "must be > 0")
