@@ -104,9 +104,13 @@ def main(params: Params) -> None:
                 steps.sync(history, final=True)
                 mlflow.log_metric("train_seconds", time.perf_counter() - start)
                 save_adapter(model, spec, paths.adapter)
-                # MLflow's check of the input example scores it with this model, in memory
-                log_model(paths.adapter, base_reference(params, paths),
-                          Predictor.of_model(model, spec, tokenizer, device, dtype))
+                # MLflow's check of the input example scores it with this model, in memory;
+                # a model of every weight has no base left to reference: it carries them
+                every_weight = spec.trainable == "all"
+                log_model(paths.adapter,
+                          None if every_weight else base_reference(params, paths),
+                          Predictor.of_model(model, spec, tokenizer, device, dtype),
+                          base_files=paths.base_model if every_weight else None)
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({

@@ -12,6 +12,8 @@ from spamlora import batching
 from spamlora.adapter import AdapterError, AdapterSpec, read_adapter, save_adapter
 from spamlora.classifier import (
     build_classifier,
+    count_parameters,
+    counts_by_mode,
     format_summary,
     load_classifier,
     parameter_counts,
@@ -82,6 +84,14 @@ def test_the_parameter_counts_of_every_mode_on_gpt2_124m():
         summary = format_summary(model, counts)
         assert f"{counts.trainable:,}" in summary
         assert ("LM + LoRA (before head swap)" in summary) == (trainable == "lora")
+
+
+def test_counts_by_mode_agree_with_the_classifiers_built(tiny_gpt2):
+    base = load_gpt2(tiny_gpt2)
+    counts = counts_by_mode(spec_of(base))
+    assert list(counts) == list(TRAINABLE)
+    for trainable in TRAINABLE:
+        assert counts[trainable] == count_parameters(classifier(tiny_gpt2, trainable))
 
 
 def trained_values(model, seed=1):

@@ -36,7 +36,8 @@ def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumab
     tokenizer = Tokenizer(folder)
     base = load_gpt2(folder)
     spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, dropout=dropout, max_length=64,
-                       pad_id=tokenizer.pad_id)
+                       pad_id=tokenizer.pad_id, trainable=params.trainable,
+                       token=params.token)
     model = build_classifier(base, spec, seed=params.seed)
     tr, ytr, va, yva = separable_task(tokenizer)
     steps = []
@@ -51,8 +52,11 @@ def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumab
 PARAMS = TrainParams(epochs=4, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3)
 
 
-def test_learns_a_separable_task(tiny_gpt2):
-    history, steps = run(tiny_gpt2, PARAMS)
+@pytest.mark.parametrize("trainable, token", [("lora", "last"), ("last_block", "first"),
+                                               ("all", "mean")])
+def test_learns_a_separable_task(tiny_gpt2, trainable, token):
+    params = dataclasses.replace(PARAMS, trainable=trainable, token=token)
+    history, steps = run(tiny_gpt2, params)
     first, last = history.epochs[0], history.epochs[-1]
     assert last.val_accuracy >= 0.95
     assert last.train_loss < first.train_loss
@@ -112,14 +116,18 @@ def test_collate_rounds_the_width_up_but_never_past_the_context():
     assert batching.collate([[1] * 10], [0], 0, pad_to=20).ids.shape == (1, 20)
 
 
-@pytest.mark.parametrize("dtype, dropout, stop_at", [
-    (torch.float32, 0.1, 5), (torch.float32, 0.0, 8), (torch.bfloat16, 0.1, 13)])
+@pytest.mark.parametrize("dtype, dropout, stop_at, trainable, token", [
+    (torch.float32, 0.1, 5, "lora", "last"), (torch.float32, 0.0, 8, "lora", "last"),
+    (torch.bfloat16, 0.1, 13, "lora", "last"),
+    (torch.float32, 0.0, 5, "last_two_blocks", "mean"),
+    (torch.bfloat16, 0.0, 13, "all", "first")])
 def test_an_interrupted_training_resumes_bit_exactly(tiny_gpt2, tmp_path, dtype, dropout,
-                                                     stop_at):
+                                                     stop_at, trainable, token):
     """Stopped after step `stop_at` (mid-epoch, at an epoch's end), then resumed by a
     fresh model: the same history and adapter bytes as a run never interrupted. LoRA
-    dropout makes the global generator's state matter too."""
-    params = dataclasses.replace(PARAMS, epochs=3)
+    dropout makes the global generator's state matter too; in the other modes the
+    checkpoint holds the blocks (or every weight) and their optimizer state."""
+    params = dataclasses.replace(PARAMS, epochs=3, trainable=trainable, token=token)
     straight, _ = run(tiny_gpt2, params, dtype, tmp_path / "straight.safetensors",
                       dropout=dropout)
     checkpoints = Checkpoints(tmp_path, "k")

@@ -275,6 +275,20 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, path: str | Path) -> None:
         save_file(tensors, str(tmp), metadata=spec.to_metadata(tensors_digest(tensors)))
 
 
+def read_spec(path: str | Path) -> AdapterSpec:
+    """The validated spec of an adapter file, none of its tensors read (an adapter of
+    every weight is the size of the model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter not found (train one with `dvc repro train`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return AdapterSpec.from_metadata(f.metadata(), str(path))
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: unreadable adapter file (truncated or corrupt?): "
+                           f"{e}") from None
+
+
 def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
     """The spec and tensors of an adapter file, every field validated and every tensor's
     name and shape checked against the spec from the file's header, before any tensor is

@@ -4,15 +4,17 @@ load it with its adapter, summarise it."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import AdapterError, AdapterSpec, is_trained, read_adapter
+from .adapter import AdapterError, AdapterSpec, classifier_shapes, is_trained, read_adapter
 from .lora import replace_linear_with_lora
 from .model import GPTConfig, GPTModel
+from .presets import TRAINABLE
 from .weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -142,6 +144,27 @@ def parameter_counts(classifier: GPTModel) -> ParameterCounts:
     lm_head_trained = lm_head if classifier.tok_emb.weight.requires_grad else 0
     return ParameterCounts(trainable - head + lm_head_trained, total - head + lm_head,
                            trainable, total)
+
+
+def counts_by_mode(spec: AdapterSpec) -> dict[str, tuple[int, int]]:
+    """(trainable, total) of the classifier `spec` describes, in every `train.trainable`
+    mode, from its shapes alone (no model is built); LoRA's matrices add to the total."""
+    def size(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(shape) for shape in shapes.values())
+
+    total = size(classifier_shapes(spec.base_config, spec.num_classes))
+    head = spec.num_classes * (spec.base_config.emb_dim + 1)
+    counts = {}
+    for mode in TRAINABLE:
+        trained = size(replace(spec, trainable=mode).tensor_shapes())
+        counts[mode] = (trained, total + (trained - head if mode == "lora" else 0))
+    return counts
+
+
+def format_counts_by_mode(counts: dict[str, tuple[int, int]]) -> str:
+    lines = [f"{'train.trainable':32}{'trainable':>14}{'total':>16}{'fraction':>10}"]
+    lines += [f"{mode:32}{t:>14,}{n:>16,}{t / n:>10.2%}" for mode, (t, n) in counts.items()]
+    return "\n".join(lines)
 
 
 def format_summary(classifier: GPTModel, counts: ParameterCounts) -> str:
