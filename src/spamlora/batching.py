@@ -1,8 +1,8 @@
 """The one batching path for training, evaluation and prediction.
 
 A batch is token ids in rows plus where each message lies in them. Two layouts, both
-exact per message (the classifier reads each message's last token, which sees only its
-own message):
+exact per message (the classifier reads its own tokens only: its last, its first or
+their mean, `train.token`):
 - padded: one message a row, right-padded with the tokenizer's `<|endoftext|>` id to the
   batch's longest; causal attention keeps the padding out of every real token's view.
 - packed (training's default): the messages laid end to end in one row (more only when
