@@ -48,6 +48,11 @@ def test_the_repositorys_params_are_valid_and_match_the_recipe():
      r"train\.trainable must be one of \['lora', 'all', 'last_block', 'last_two_blocks', "
      r"'last_layer'\], got 'lora_alternative'$"),
     ("train.trainable", None, r"train\.trainable must be str, got None"),
+    ("model.weights", "untrained",
+     r"model\.weights must be one of \['pretrained', 'random'\], got 'untrained'$"),
+    ("train.max_length", "longest",
+     r"train\.max_length must be null, model or an integer >= 1, got 'longest'$"),
+    ("train.max_length", 0, r"train\.max_length must be null, model or an integer >= 1"),
     ("train.token", "flexible",
      r"train\.token must be one of \['last', 'first', 'mean'\], got 'flexible'$"),
 ])
@@ -114,3 +119,14 @@ def test_a_bad_mode_stops_a_stage_before_any_work(raw, tmp_path, capsys, key, va
 def test_the_modes_default_to_todays_lora_on_the_last_token():
     params = load_params(REPO / "params.yaml")
     assert (params.train.trainable, params.train.token) == ("lora", "last")
+
+
+def test_max_length_model_is_the_models_context(raw):
+    from spamlora.batching import resolve_max_length
+
+    raw["train"]["max_length"] = "model"
+    setting = Params.from_dict(raw).train.max_length
+    assert resolve_max_length(setting, longest=120, context=1024) == 1024
+    assert resolve_max_length(None, longest=120, context=1024) == 120
+    assert resolve_max_length(64, longest=120, context=1024) == 64
+    assert resolve_max_length(4096, longest=120, context=1024) == 1024

@@ -17,19 +17,20 @@ from spamlora.classifier import (
     format_summary,
     load_classifier,
     parameter_counts,
+    random_base,
 )
 from spamlora.config import TrainParams
 from spamlora.inference import merged_for_inference, predict_logits
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.presets import TOKENS, TRAINABLE
 from spamlora.train import train_classifier
-from spamlora.weights import load_gpt2, uninitialised
+from spamlora.weights import load_gpt2, read_config, uninitialised
 
 CPU = torch.device("cpu")
 
 
-def spec_of(base, trainable="lora", token="last", **kw):
-    return AdapterSpec("tiny", base.cfg, rank=4, alpha=8, max_length=64, pad_id=0,
+def spec_of(base, trainable="lora", token="last", pad_id=0, **kw):
+    return AdapterSpec("tiny", base.cfg, rank=4, alpha=8, max_length=64, pad_id=pad_id,
                        trainable=trainable, token=token, **kw)
 
 
@@ -257,3 +258,93 @@ def test_training_changes_exactly_the_trained_parameters(tiny_gpt2, trainable):
                      CPU, torch.float32)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def without_weights(folder, dest):
+    """The base folder's config and tokenizer, not its weights file."""
+    import shutil
+
+    dest.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(folder / name, dest / name)
+    return dest
+
+
+def test_a_random_base_is_pytorchs_own_initialisation_seeded(tiny_gpt2):
+    """As the book's GPTModel with `--weights random`: PyTorch's module defaults (an
+    embedding ~N(0, 1), not GPT-2's N(0, 0.02); LayerNorms at one and zero), the same for
+    the same seed, and the caller's generator untouched."""
+    cfg = read_config(tiny_gpt2)
+    torch.manual_seed(42)
+    before = torch.random.get_rng_state()
+    model, digest = random_base(cfg, 123)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.05
+    assert torch.equal(model.final_norm.weight, torch.ones(cfg.emb_dim))
+    bound = 1 / cfg.emb_dim ** 0.5  # kaiming_uniform(a=sqrt(5)) on a (d, d) Linear
+    assert model.trf_blocks[0].att.W_query.weight.abs().max() <= bound
+    again, same = random_base(cfg, 123)
+    assert same == digest and all(torch.equal(a, b) for a, b in
+                                  zip(model.parameters(), again.parameters(), strict=True))
+    assert random_base(cfg, 124)[1] != digest
+
+
+@pytest.mark.parametrize("trainable", ["lora", "last_block", "all"])
+def test_a_classifier_on_a_random_base_scores_the_same_after_a_reload(tiny_gpt2, tmp_path,
+                                                                     trainable):
+    """The base is rebuilt from the seed the file records, checked against the digest
+    recorded at training; the base folder's weights file is never read."""
+    from spamlora.predictor import Predictor
+    from spamlora.tokenizer import Tokenizer
+
+    base, digest = random_base(read_config(tiny_gpt2), 7)
+    spec = spec_of(base, trainable, "mean", Tokenizer(tiny_gpt2).pad_id, weights="random",
+                   base_seed=7, random_sha256=digest)
+    model = build_classifier(base, spec, seed=3)
+    ids = random_ids(model, n=24)
+    labels = np.array([len(t) % 2 for t in ids])
+    train_classifier(model, ids[:16], labels[:16], ids[16:], labels[16:],
+                     TrainParams(epochs=1, seed=3, trainable=trainable, token="mean"), 0, 64,
+                     CPU, torch.float32)
+    save_adapter(model, spec, tmp_path / "a.safetensors")
+    folder = without_weights(tiny_gpt2, tmp_path / "base")
+    loaded, loaded_spec = load_classifier(folder, tmp_path / "a.safetensors", strict=True)
+    assert (loaded_spec.weights, loaded_spec.base_seed) == ("random", 7)
+    want = predict_logits(model, ids, 0, 8, CPU)
+    np.testing.assert_array_equal(predict_logits(loaded, ids, 0, 8, CPU), want)
+    texts = ["WINNER!! claim your prize", "see you at 5"]
+    predictor = Predictor(folder, tmp_path / "a.safetensors", precision="fp32")
+    in_memory = Predictor.of_model(model, spec, predictor.tokenizer, CPU, torch.float32)
+    np.testing.assert_allclose(predictor.logits(texts)[0], in_memory.logits(texts)[0],
+                               atol=1e-5, rtol=0)
+
+
+def test_a_random_base_rebuilt_otherwise_is_refused(tiny_gpt2, tmp_path):
+    """Another PyTorch could initialise modules otherwise: the digest says so, naming
+    the seed and both digests, rather than scoring on another base."""
+    base, digest = random_base(read_config(tiny_gpt2), 7)
+    spec = spec_of(base, weights="random", base_seed=7, random_sha256="0" * 64)
+    save_adapter(build_classifier(base, spec, seed=3), spec, tmp_path / "a.safetensors")
+    with pytest.raises(AdapterError, match=rf"a random base \(seed 7\) whose weights had "
+                                           rf"sha256 0{{64}}; rebuilt here they have "
+                                           rf"{digest}"):
+        load_classifier(tiny_gpt2, tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"weights": "noise"}, r"weights must be one of \['pretrained', 'random'\]"),
+    ({"weights": "random", "base_seed": None}, "base_seed must be the random base's seed"),
+    ({"base_seed": 7}, "base_seed must be .* null for a pretrained one"),
+    ({"weights": "random", "base_seed": 7, "random_sha256": "x"},
+     "random_sha256 must be the random base's sha256"),
+])
+def test_crafted_random_base_metadata_is_refused(tiny_gpt2, tmp_path, changes, message):
+    model = classifier(tiny_gpt2)
+    path = tmp_path / "a.safetensors"
+    save_adapter(model, spec_of(model), path)
+    meta = json.loads(spec_of(model).to_metadata()["spamlora"])
+    meta["spec"].update(changes)
+    save_file(load_file(path), tmp_path / "bad.safetensors",
+              metadata={"spamlora": json.dumps(meta)})
+    with pytest.raises(AdapterError, match=f"adapter metadata {message}"):
+        read_adapter(tmp_path / "bad.safetensors")

@@ -311,12 +311,13 @@ def test_push_then_a_second_clone_pulls_and_runs_no_stage(pipeline, tmp_path):
     assert run.data.tags[STAGES_TAG] == "evaluate,plot"
 
 
-@pytest.mark.parametrize("setting, trainable, token", [
-    ("train.trainable=last_block", "last_block", "last"),
-    ("train.token=first", "lora", "first")])
+@pytest.mark.parametrize("settings, trainable, token, weights", [
+    (["train.trainable=last_block"], "last_block", "last", "pretrained"),
+    (["train.token=first"], "lora", "first", "pretrained"),
+    (["model.weights=random", "train.trainable=all"], "all", "last", "random")])
 def test_a_mode_is_an_experiment_with_its_own_run_metrics_and_served_model(
-        pipeline, setting, trainable, token):
-    """Issue 24, items 2, 3 and 6: each mode trains into its own MLflow run, with its
+        pipeline, settings, trainable, token, weights):
+    """Issue 24, items 2-4 and 6: each mode trains into its own MLflow run, with its
     metrics and its parameter counts, and its model scores the same by the files
     (`spamlora predict`), by URI, promoted, and served by `mlflow models serve`."""
     from spamlora.adapter import read_spec
@@ -326,18 +327,18 @@ def test_a_mode_is_an_experiment_with_its_own_run_metrics_and_served_model(
     paths = Paths(ws)
     # Each experiment starts from the committed params, not the last experiment's.
     subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=ws, check=True)
-    out = dvc(ws, "exp", "run", "-S", setting)
+    out = dvc(ws, "exp", "run", *[arg for s in settings for arg in ("-S", s)])
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     spec = read_spec(paths.adapter)
-    assert (spec.trainable, spec.token) == (trainable, token)
+    assert (spec.trainable, spec.token, spec.weights) == (trainable, token, weights)
     trained = json.loads(paths.metrics("train").read_text())
     evaluation = json.loads(paths.metrics("eval").read_text())
     assert evaluation[RUN_ID_KEY] == trained[RUN_ID_KEY]  # one run: trained, evaluated
     client, runs = mlflow_runs(ws)
     run = client.get_run(trained[RUN_ID_KEY])
     assert run.info.status == "FINISHED" and run.data.tags.get("dvc.exp_name")
-    assert (run.data.params["train.trainable"], run.data.params["train.token"]) == (
-        trainable, token)
+    assert (run.data.params["train.trainable"], run.data.params["train.token"],
+            run.data.params["model.weights"]) == (trainable, token, weights)
     assert run.data.metrics["test.accuracy"] == evaluation["test"]["accuracy"]
     assert run.data.params["parameters.trainable"] == str(trained["parameters"]["trainable"])
     assert sum(r.data.params.get("train.trainable") == trainable
@@ -351,7 +352,7 @@ def test_a_mode_is_an_experiment_with_its_own_run_metrics_and_served_model(
     by_uri = probabilities(spamlora(ws, *predict, "--model",
                                     f"runs:/{run.info.run_id}/model"))
     assert by_uri == pytest.approx(by_files, abs=1e-4)
-    alias = trainable if token == "last" else f"token-{token}"
+    alias = f"{weights}-{trainable}-{token}"
     out = spamlora(ws, "promote", "--run", run.info.run_id, "--alias", alias)
     assert f"from run {run.info.run_id}" in out
     with serving(ws, f"models:/spamlora-sms@{alias}") as url:

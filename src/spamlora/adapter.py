@@ -26,7 +26,7 @@ from torch import nn
 from .errors import SpamloraError
 from .fileio import atomic_path
 from .model import GPTConfig
-from .presets import LORA_INITS, TARGET_MODULES, TOKENS, TRAINABLE
+from .presets import LORA_INITS, TARGET_MODULES, TOKENS, TRAINABLE, WEIGHTS
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
@@ -69,6 +69,17 @@ class AdapterSpec:
     # Adapters written before these were recorded were all LoRA reading the last token.
     trainable: str = "lora"  # presets.TRAINABLE; the LoRA fields matter only for `lora`
     token: str = "last"  # presets.TOKENS
+    # A random base (model.weights) is rebuilt from its seed wherever the classifier is
+    # loaded, and must have the digest (`tensors_digest` of its parameters) it had.
+    weights: str = "pretrained"  # presets.WEIGHTS
+    base_seed: int | None = None
+    random_sha256: str | None = None
+
+    @property
+    def reads_base_weights(self) -> bool:
+        """Whether the classifier needs the base folder's weights file (besides its
+        config and tokenizer)."""
+        return self.weights == "pretrained" and self.trainable != "all"
 
     def check(self, source: str) -> AdapterSpec:
         """The same rules as params.yaml's, plus bounds a file could otherwise abuse (a
@@ -86,6 +97,14 @@ class AdapterSpec:
              "trainable", f"must be one of {list(TRAINABLE)}"),
             (lambda: isinstance(self.token, str) and self.token in TOKENS, "token",
              f"must be one of {list(TOKENS)}"),
+            (lambda: isinstance(self.weights, str) and self.weights in WEIGHTS, "weights",
+             f"must be one of {list(WEIGHTS)}"),
+            (lambda: (self.weights == "random") == _is_int(self.base_seed), "base_seed",
+             "must be the random base's seed (an integer), and null for a pretrained one"),
+            (lambda: (self.weights == "random") == (
+                isinstance(self.random_sha256, str)
+                and SHA256.fullmatch(self.random_sha256) is not None), "random_sha256",
+             "must be the random base's sha256, and null for a pretrained one"),
             (lambda: _is_int(self.rank) and 1 <= self.rank <= cfg.emb_dim, "rank",
              f"must be an integer in [1, {cfg.emb_dim}] (the base's width)"),
             (lambda: _is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",

@@ -49,6 +49,15 @@ class Batch:
         return model(self.ids, self.lengths, self.packing)
 
 
+def resolve_max_length(setting: int | str | None, longest: int, context: int) -> int:
+    """`train.max_length` in tokens: null, the longest training message; `model`, the
+    model's context (the book's `model_context_length`); else the number given. Never
+    past the context."""
+    if setting == "model":
+        return context
+    return min(setting or longest, context)
+
+
 def truncate(ids: list[list[int]], max_length: int) -> tuple[list[list[int]], list[int]]:
     """Every sequence cut to `max_length`, and the positions of those cut."""
     cut = [i for i, seq in enumerate(ids) if len(seq) > max_length]

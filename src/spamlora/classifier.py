@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import AdapterError, AdapterSpec, classifier_shapes, is_trained, read_adapter
+from .adapter import (
+    AdapterError,
+    AdapterSpec,
+    classifier_shapes,
+    is_trained,
+    read_adapter,
+    tensors_digest,
+)
 from .lora import replace_linear_with_lora
 from .model import GPTConfig, GPTModel
 from .presets import TRAINABLE
@@ -47,6 +54,17 @@ def swap_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
     torch.manual_seed(seed)
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.tok_emb.weight.device)
     return model
+
+
+def random_base(cfg: GPTConfig, seed: int) -> tuple[GPTModel, str]:
+    """A GPT-2 of shape `cfg` initialised as the book's GPTModel initialises itself
+    (`--weights random`): PyTorch's module defaults after `torch.manual_seed(seed)`, on
+    the CPU; and the digest of its parameters, which tells whether another PyTorch
+    release rebuilt the same base. The caller's random generator is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTModel(cfg)
+    return model.eval(), tensors_digest(dict(model.named_parameters()))
 
 
 def check_base(spec: AdapterSpec, cfg: GPTConfig, weights: object = "the base model",
@@ -95,8 +113,9 @@ def load_classifier(weights: str | Path, adapter: str | Path, strict: bool = Fal
                            f"--name {spec.base_model} {weights}`")
     cfg = read_config(weights)
     check_base(spec, cfg, weights, adapter)
-    # An adapter of every weight needs the base's config and tokenizer, not its weights.
-    files = (CONFIG_FILE,) if spec.trainable == "all" else (CONFIG_FILE, WEIGHTS_FILE)
+    # An adapter of every weight, or one on a random base, needs the base's config and
+    # tokenizer, not its weights.
+    files = (CONFIG_FILE, WEIGHTS_FILE) if spec.reads_base_weights else (CONFIG_FILE,)
     found = base_sha256 or base_fingerprint(weights, files, strict=strict)
     if spec.base_sha256:
         for name, want in sorted(spec.base_sha256.items()):
@@ -108,9 +127,17 @@ def load_classifier(weights: str | Path, adapter: str | Path, strict: bool = Fal
                 if strict:
                     raise AdapterError(message)
                 log.warning("%s: predictions may be off", message)
-    if spec.trainable == "all":
+    if spec.trainable == "all":  # every parameter comes from the adapter
         with uninitialised():
             base = GPTModel(cfg)
+    elif spec.weights == "random":
+        base, digest = random_base(cfg, spec.base_seed)
+        if digest != spec.random_sha256:
+            raise AdapterError(
+                f"{adapter} was trained on a random base (seed {spec.base_seed}) whose "
+                f"weights had sha256 {spec.random_sha256}; rebuilt here they have "
+                f"{digest}: this PyTorch ({torch.__version__}) initialises modules "
+                f"otherwise than the one that trained it")
     else:
         base = load_gpt2(weights)
     with torch.random.fork_rng(devices=[]):  # building draws LoRA's A, then overwritten

@@ -16,9 +16,10 @@ A base whose files differ from the reference is refused, naming the file. Loadin
 goes through `Predictor`, the code `spamlora predict` and the evaluate stage use: LoRA
 merged, packed inference, the same probabilities.
 
-An adapter of every weight (`train.trainable: all`) leaves no base weights to reference:
-its model carries them, and the base's config and tokenizer files (`BASE_FILES`, ~1.5 MB),
-with `base: null` in its `model_config`.
+A classifier that reads no base weights (`train.trainable: all`: its adapter holds every
+weight; `model.weights: random`: its base is rebuilt from a seed) has none to reference:
+its model carries the base's config and tokenizer files (`BASE_FILES`, ~1.5 MB), with
+`base: null` in its `model_config`.
 
 The model is logged as code, not as a pickle: its code is `model_code.py`, which MLflow
 runs at load time. Every `model_config` value is checked (`read_model_config`) before
@@ -275,9 +276,10 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         self.threshold = config.threshold
         adapter = context.artifacts[ADAPTER_ARTIFACT]
         carried = context.artifacts.get(BASE_FILES_ARTIFACT)
-        if (config.base is None) != (read_spec(adapter).trainable == "all"):
+        if (config.base is None) != (not read_spec(adapter).reads_base_weights):
             raise ModelConfigError("model_config base must be null exactly for an adapter "
-                                   "of every weight (train.trainable: all), got "
+                                   "that reads no base weights (train.trainable: all, or "
+                                   "model.weights: random), got "
                                    f"{'null' if config.base is None else 'a base'}")
         if config.base is None and carried is None:
             raise ModelConfigError(f"model_config base is null, but the model carries no "
@@ -471,17 +473,19 @@ def log_model(adapter: Path, base: BaseReference | None, in_memory: Predictor | 
     signature, then loads the logged model and scores the example as its server would:
     `in_memory`, the classifier of `adapter` on `base` already in memory (the one just
     trained), is then used instead of loading the base and adapter a second time. An
-    adapter of every weight references no base (`base` None): `base_files`, a base
-    folder, gives the config and tokenizer files it carries instead.
+    adapter that reads no base weights (every weight trained, or a random base)
+    references no base (`base` None): `base_files`, a base folder, gives the config and
+    tokenizer files it carries instead.
 
     A run holds one such model: one it logged already with this adapter (a training
     killed after logging it, then resumed) is returned as it is, and any other it holds
     (another adapter, cut short, its files gone) is deleted once this one is logged."""
-    if (base is None) != (read_spec(adapter).trainable == "all"):
-        raise ValueError(f"{adapter}: an adapter of every weight is logged with no base "
-                         f"reference, any other with one")
+    if (base is None) != (not read_spec(adapter).reads_base_weights):
+        raise ValueError(f"{adapter}: an adapter that reads no base weights is logged "
+                         f"with no base reference, any other with one")
     if base is None and base_files is None:
-        raise ValueError(f"{adapter}: an adapter of every weight needs `base_files`")
+        raise ValueError(f"{adapter}: an adapter that reads no base weights needs "
+                         f"`base_files`")
     digest = file_sha256(adapter)
     run = mlflow.active_run()
     client = mlflow.MlflowClient()

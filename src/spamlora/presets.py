@@ -31,3 +31,7 @@ TRAINABLE = ("lora", "all", "last_block", "last_two_blocks", "last_layer")
 # Which hidden state of each message the head reads (train.token): its last token (which
 # alone has seen the whole message), its first, or the mean over its tokens.
 TOKENS = ("last", "first", "mean")
+
+# Where the base's weights come from (model.weights): the published checkpoint, or
+# PyTorch's module defaults seeded by train.seed, as the book's `--weights random`.
+WEIGHTS = ("pretrained", "random")
