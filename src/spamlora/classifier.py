@@ -104,8 +104,10 @@ def load_classifier(weights: str | Path, adapter: str | Path, strict: bool = Fal
     digests cached by size, mtime and inode). A base whose files differ from those the
     adapter was trained on (same shape, other weights) gets a warning naming the file,
     or with `strict` an error; `base_sha256`: the folder's file hashes where the caller
-    has just verified them (then nothing is hashed here). The caller's random generator
-    is left as it was."""
+    has just verified them (then nothing is hashed here). An adapter of every weight
+    reads only the folder's config (and the caller its tokenizer); one on a random base
+    rebuilds it from its seed, refused unless it has the digest recorded at training.
+    The caller's random generator is left as it was."""
     spec, tensors = read_adapter(adapter)
     if not (Path(weights) / CONFIG_FILE).is_file():
         raise WeightsError(f"{weights}: no GPT-2 base model here; this adapter needs "

@@ -213,7 +213,8 @@ def mean_over_messages(hidden: torch.Tensor, segment: torch.Tensor,
     fp32 whatever the autocast: a bf16 sum of up to a context of tokens would lose the
     mean's low bits."""
     messages = torch.arange(len(lengths), device=segment.device)
-    weights = (segment.reshape(1, -1) == messages[:, None]).float() / lengths[:, None].float()
+    weights = ((segment.reshape(1, -1) == messages[:, None]).float()
+               / lengths.to(segment.device)[:, None].float())
     with torch.autocast(hidden.device.type, enabled=False):
         return weights @ hidden.reshape(-1, hidden.shape[-1]).float()
 
