@@ -102,18 +102,21 @@ def test_lora_init_defaults_to_the_reference_initialisation():
     assert LoRALayer(768, 768, 2, alpha=8).A.abs().max() <= 1 / 768 ** 0.5
 
 
-@pytest.mark.parametrize("key, value", [("trainable", "everything"), ("token", "middle")])
+@pytest.mark.parametrize("key, value", [("train.trainable", "everything"),
+                                        ("train.token", "middle"),
+                                        ("model.weights", "noise")])
 def test_a_bad_mode_stops_a_stage_before_any_work(raw, tmp_path, capsys, key, value):
     from spamlora import stage
 
-    raw["train"][key] = value
+    section, name = key.split(".")
+    raw[section][name] = value
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     ran = []
     with pytest.raises(SystemExit) as e:
         stage.run(ran.append, str(params_file))
     assert e.value.code == 1 and ran == []
-    assert f"error: {params_file}: train.{key} must be one of [" in capsys.readouterr().err
+    assert f"error: {params_file}: {key} must be one of [" in capsys.readouterr().err
 
 
 def test_the_modes_default_to_todays_lora_on_the_last_token():
