@@ -335,6 +335,8 @@ def test_a_random_base_rebuilt_otherwise_is_refused(tiny_gpt2, tmp_path):
     ({"weights": "noise"}, r"weights must be one of \['pretrained', 'random'\]"),
     ({"weights": "random", "base_seed": None}, "base_seed must be the random base's seed"),
     ({"base_seed": 7}, "base_seed must be .* null for a pretrained one"),
+    ({"weights": "random", "base_seed": 2 ** 70, "random_sha256": "0" * 64},
+     "base_seed must be the random base's seed"),
     ({"weights": "random", "base_seed": 7, "random_sha256": "x"},
      "random_sha256 must be the random base's sha256"),
 ])

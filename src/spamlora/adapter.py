@@ -99,8 +99,10 @@ class AdapterSpec:
              f"must be one of {list(TOKENS)}"),
             (lambda: isinstance(self.weights, str) and self.weights in WEIGHTS, "weights",
              f"must be one of {list(WEIGHTS)}"),
-            (lambda: (self.weights == "random") == _is_int(self.base_seed), "base_seed",
-             "must be the random base's seed (an integer), and null for a pretrained one"),
+            (lambda: (self.weights == "random") == (
+                _is_int(self.base_seed) and -2 ** 63 <= self.base_seed < 2 ** 64),
+             "base_seed", "must be the random base's seed (an integer torch can seed "
+             "with), and null for a pretrained one"),
             (lambda: (self.weights == "random") == (
                 isinstance(self.random_sha256, str)
                 and SHA256.fullmatch(self.random_sha256) is not None), "random_sha256",
