@@ -24,7 +24,7 @@ def run(args, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [("lora", "last"), ("last_two_blocks", "mean"),
-                                  ("all", "first")])
+                                  ("all", "first"), ("lora", "last", "random")])
 def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2, mode):
     worker = str(REPO / "tests" / "ddp_worker.py")
     run([worker, str(tiny_gpt2), str(tmp_path / "one"), "cpu", *mode], tmp_path)
