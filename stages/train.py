@@ -1,4 +1,5 @@
-"""Stage train: GPT-2 + LoRA classifier, every step and epoch logged to one MLflow run.
+"""Stage train: the GPT-2 classifier (LoRA or `train.trainable`'s weights), every step and
+epoch logged to one MLflow run.
 
 With `train.nproc > 1` the stage reruns itself under torchrun (DistributedDataParallel);
 only rank 0 writes outputs, checkpoints and talks to MLflow.
@@ -22,9 +23,9 @@ import torch
 
 from spamlora import distributed, stage, tracking
 from spamlora.adapter import AdapterSpec, save_adapter
-from spamlora.batching import encode, truncate
+from spamlora.batching import encode, resolve_max_length, truncate
 from spamlora.checkpoint import Checkpoints, computation_key, read_owner, stored
-from spamlora.classifier import build_classifier, format_summary, parameter_counts
+from spamlora.classifier import build_classifier, format_summary, parameter_counts, random_base
 from spamlora.config import Params
 from spamlora.data import Classes, read_labelled_csv, write_csv
 from spamlora.errors import SpamloraError
@@ -36,7 +37,7 @@ from spamlora.predictor import Predictor
 from spamlora.process import stop_signals
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
-from spamlora.weights import base_fingerprint, load_gpt2
+from spamlora.weights import CONFIG_FILE, WEIGHTS_FILE, base_fingerprint, load_gpt2, read_config
 
 
 def main(params: Params) -> None:
@@ -57,12 +58,16 @@ def main(params: Params) -> None:
     stop = StopRequest()
     with tracking.active_run(run_id) if main_process else contextlib.nullcontext():
         tokenizer = Tokenizer(paths.base_model)
-        base = load_gpt2(paths.base_model)
+        random = params.model.weights == "random"
+        if random:
+            base, random_sha256 = random_base(read_config(paths.base_model), tp.seed)
+        else:
+            base, random_sha256 = load_gpt2(paths.base_model), None
         train_df = read_labelled_csv(paths.split("train"))
         val_df = read_labelled_csv(paths.split("validation"))
         train_ids, _ = encode(tokenizer, train_df["text"].tolist(), None)
         longest = max(map(len, train_ids))
-        max_length = min(tp.max_length or longest, base.cfg.context_length)
+        max_length = resolve_max_length(tp.max_length, longest, base.cfg.context_length)
         train_ids, cut = truncate(train_ids, max_length)
         val_ids, val_cut = encode(tokenizer, val_df["text"].tolist(), max_length)
         if tp.batch_size > len(train_ids) and main_process:
@@ -78,7 +83,13 @@ def main(params: Params) -> None:
                            classes=classes.names, positive=classes.positive,
                            max_length=max_length,
                            pad_id=tokenizer.pad_id, init=lora.init,
-                           base_sha256=base_fingerprint(paths.base_model))
+                           base_sha256=base_fingerprint(
+                               paths.base_model, (CONFIG_FILE,) if random else
+                               (CONFIG_FILE, WEIGHTS_FILE)),
+                           trainable=tp.trainable, token=tp.token,
+                           weights=params.model.weights,
+                           base_seed=tp.seed if random else None,
+                           random_sha256=random_sha256)
         model = build_classifier(base, spec, seed=tp.seed)
         counts = parameter_counts(model)
         if main_process:
@@ -104,9 +115,13 @@ def main(params: Params) -> None:
                 steps.sync(history, final=True)
                 mlflow.log_metric("train_seconds", time.perf_counter() - start)
                 save_adapter(model, spec, paths.adapter)
-                # MLflow's check of the input example scores it with this model, in memory
-                log_model(paths.adapter, base_reference(params, paths),
-                          Predictor.of_model(model, spec, tokenizer, device, dtype))
+                # MLflow's check of the input example scores it with this model, in
+                # memory. One that reads no base weights (every weight trained, or a random
+                # base) has none to reference: it carries the base's config and tokenizer.
+                reads_base = spec.reads_base_weights
+                log_model(paths.adapter, base_reference(params, paths) if reads_base else None,
+                          Predictor.of_model(model, spec, tokenizer, device, dtype),
+                          base_files=None if reads_base else paths.base_model)
             write_csv(pd.DataFrame([vars(r) for r in history.epochs]),
                       paths.plot_data("history"))
             write_csv(pd.DataFrame({

@@ -39,6 +39,19 @@ def test_summary_random_init_prints_the_seed_figures(capsys):
     assert "LinearWithLoRA" in out
 
 
+def test_summary_prints_the_chosen_mode_and_the_counts_of_every_mode(capsys):
+    code, out, _ = run_cli(capsys, "summary", "--random-init", "--trainable", "last_block")
+    assert code == 0 and "LinearWithLoRA" not in out
+    table = out.split("The classifier in every mode (`last_block` above):")[1]
+    rows = {line.split()[0]: line.split()[1:3] for line in table.strip().splitlines()[1:]}
+    assert rows == {"lora": ["1,328,642", "125,768,450"],
+                    "all": ["124,441,346", "124,441,346"],
+                    "last_block": ["7,090,946", "124,441,346"],
+                    "last_two_blocks": ["14,178,818", "124,441,346"],
+                    "last_layer": ["1,538", "124,441,346"]}
+    assert "Classifier (2-class head)            7,090,946     124,441,346" in out
+
+
 def test_summary_of_a_weights_folder(capsys, tiny_gpt2):
     code, out, _ = run_cli(capsys, "summary", "--weights", str(tiny_gpt2), "--lora-rank",
                            "2", "--num-classes", "3")

@@ -44,6 +44,17 @@ def test_the_repositorys_params_are_valid_and_match_the_recipe():
     ("train.precision", "fp16", r"train\.precision must be auto, fp32 or bf16"),
     ("model.name", "gpt3", r"model\.name must be one of"),
     ("train.checkpoint_seconds", -5, r"train\.checkpoint_seconds must be >= 0"),
+    ("train.trainable", "lora_alternative",
+     r"train\.trainable must be one of \['lora', 'all', 'last_block', 'last_two_blocks', "
+     r"'last_layer'\], got 'lora_alternative'$"),
+    ("train.trainable", None, r"train\.trainable must be str, got None"),
+    ("model.weights", "untrained",
+     r"model\.weights must be one of \['pretrained', 'random'\], got 'untrained'$"),
+    ("train.max_length", "longest",
+     r"train\.max_length must be null, model or an integer >= 1, got 'longest'$"),
+    ("train.max_length", 0, r"train\.max_length must be null, model or an integer >= 1"),
+    ("train.token", "flexible",
+     r"train\.token must be one of \['last', 'first', 'mean'\], got 'flexible'$"),
 ])
 def test_bad_values_are_named(raw, path, value, message):
     bad = copy.deepcopy(raw)
@@ -89,3 +100,36 @@ def test_lora_init_defaults_to_the_reference_initialisation():
     assert load_params(REPO / "params.yaml").lora.init == "reference"
     assert LoRAParams().init == "reference"
     assert LoRALayer(768, 768, 2, alpha=8).A.abs().max() <= 1 / 768 ** 0.5
+
+
+@pytest.mark.parametrize("key, value", [("train.trainable", "everything"),
+                                        ("train.token", "middle"),
+                                        ("model.weights", "noise")])
+def test_a_bad_mode_stops_a_stage_before_any_work(raw, tmp_path, capsys, key, value):
+    from spamlora import stage
+
+    section, name = key.split(".")
+    raw[section][name] = value
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    ran = []
+    with pytest.raises(SystemExit) as e:
+        stage.run(ran.append, str(params_file))
+    assert e.value.code == 1 and ran == []
+    assert f"error: {params_file}: {key} must be one of [" in capsys.readouterr().err
+
+
+def test_the_modes_default_to_todays_lora_on_the_last_token():
+    params = load_params(REPO / "params.yaml")
+    assert (params.train.trainable, params.train.token) == ("lora", "last")
+
+
+def test_max_length_model_is_the_models_context(raw):
+    from spamlora.batching import resolve_max_length
+
+    raw["train"]["max_length"] = "model"
+    setting = Params.from_dict(raw).train.max_length
+    assert resolve_max_length(setting, longest=120, context=1024) == 1024
+    assert resolve_max_length(None, longest=120, context=1024) == 120
+    assert resolve_max_length(64, longest=120, context=1024) == 64
+    assert resolve_max_length(4096, longest=120, context=1024) == 1024

@@ -15,17 +15,21 @@ pytestmark = pytest.mark.e2e
 
 
 def run(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # This checkout's code, whichever checkout the installed package points at.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2):
+@pytest.mark.parametrize("mode", [("lora", "last"), ("last_two_blocks", "mean"),
+                                  ("all", "first"), ("lora", "last", "random")])
+def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2, mode):
     worker = str(REPO / "tests" / "ddp_worker.py")
-    run([worker, str(tiny_gpt2), str(tmp_path / "one")], tmp_path)
+    run([worker, str(tiny_gpt2), str(tmp_path / "one"), "cpu", *mode], tmp_path)
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-         str(tiny_gpt2), str(tmp_path / "two")], tmp_path)
+         str(tiny_gpt2), str(tmp_path / "two"), "cpu", *mode], tmp_path)
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert (one["world"], two["world"]) == (1, 2)
@@ -41,6 +45,11 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2):
     tensors_two = load_file(tmp_path / "two.safetensors")
     assert set(tensors_one) == set(tensors_two)
     for name in tensors_one:
+        # A key bias adds the same q.b to every score of a query's row, which softmax
+        # ignores: its gradient is zero in exact arithmetic, so it is float noise that
+        # Adam scales up to full steps, differently for each summation order.
+        if name.endswith("W_key.bias"):
+            continue
         torch.testing.assert_close(tensors_two[name], tensors_one[name], atol=1e-4, rtol=0)
 
 

@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from spamlora.config import ModelParams
 from spamlora.hub import MODEL_FILES, file_sha256
@@ -276,7 +277,7 @@ CRAFTED = [
      "model_config base.trained_from must be an absolute path, got 'relative/base'"),
     (("base", "url"), 7, "model_config base.url must be a URL or a folder, got 7"),
     (("base", "unexpected"), 1, "model_config base must have exactly the keys"),
-    (("base",), None, "model_config base must have exactly the keys"),
+    (("base",), [], "model_config base must have exactly the keys"),
     (("base_model",), 7, "model_config base_model must be a folder or null, got 7"),
     (("download", "timeout"), 0, "model_config download.timeout must be a number > 0"),
     (("download", "retries"), 1.5, "download.retries must be an integer >= 0"),
@@ -336,6 +337,85 @@ def test_a_crafted_model_is_refused_before_it_names_a_path(store, tmp_path, monk
     with pytest.raises(ModelConfigError, match=error):
         mlflow.pyfunc.load_model(str(folder))
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.fixture(scope="module")
+def mode_adapters(tmp_path_factory, tiny_gpt2):
+    """Adapters of other modes on the store's base (`random`: LoRA on a random base),
+    trained-like (non-zero)."""
+    from spamlora.adapter import AdapterSpec, save_adapter
+    from spamlora.classifier import build_classifier, random_base
+    from spamlora.weights import base_fingerprint, load_gpt2, read_config
+
+    folder = tmp_path_factory.mktemp("mode_adapters")
+    made = {}
+    for name, trainable, token in (("all", "all", "first"), ("last_block", "last_block",
+                                                               "mean"),
+                                   ("random", "lora", "last")):
+        if name == "random":
+            base, digest = random_base(read_config(tiny_gpt2), 5)
+            random = {"weights": "random", "base_seed": 5, "random_sha256": digest}
+        else:
+            base, random = load_gpt2(tiny_gpt2), {}
+        spec = AdapterSpec("gpt2", base.cfg, rank=4, alpha=4, max_length=12,
+                           pad_id=50256 if base.cfg.vocab_size == 50257 else 256,
+                           base_sha256=base_fingerprint(tiny_gpt2), trainable=trainable,
+                           token=token, **random)
+        model = build_classifier(base, spec, seed=0)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+        made[name] = folder / f"{name}.safetensors"
+        save_adapter(model, spec, made[name])
+    return made
+
+
+@pytest.mark.parametrize("trainable", ["all", "last_block", "random"])
+def test_a_model_of_another_mode_loads_in_a_fresh_process_and_scores_as_its_files(
+        store, mode_adapters, trainable):
+    """`last_block` references the base as LoRA does; `all` (its own weights) and LoRA
+    on a random base (rebuilt from its seed) read no base weights, so they reference
+    none: they carry the base's config and tokenizer files."""
+    adapter = mode_adapters[trainable]
+    no_base = trainable in ("all", "random")
+    with mlflow.start_run() as run:
+        uri = log_model(adapter, None if no_base else store["ref"],
+                        base_files=store["base"] if no_base else None)
+    store["runs"][f"mode-{trainable}"] = run.info.run_id
+    folder = logged_folder(store, f"mode-{trainable}")
+    config = mlflow.models.Model.load(folder / "MLmodel").flavors["python_function"][
+        "config"]
+    carried = sorted(p.name for p in folder.glob("artifacts/base_files/*"))
+    weights_sha256 = file_sha256(store["base"] / "model.safetensors")
+    assert weights_sha256 not in {file_sha256(p) for p in folder.rglob("*") if p.is_file()}
+    if no_base:
+        assert config["base"] is None
+        assert carried == ["config.json", "merges.txt", "vocab.json"]
+    else:
+        assert config["base"]["sha256"] == store["ref"].sha256 and carried == []
+    got = in_fresh_process(LOAD_AND_PREDICT.format(uri=uri, messages=MESSAGES), store,
+                           XDG_CACHE_HOME=str(store["root"] / "fresh-cache"))
+    np.testing.assert_allclose(got["p"], expected(store, adapter), atol=1e-4)
+
+
+def test_a_model_whose_base_reference_does_not_fit_its_mode_is_refused(store,
+                                                                       mode_adapters,
+                                                                       tmp_path):
+    with mlflow.start_run(), pytest.raises(ValueError, match="reads no base weights is "
+                                                             "logged with no base"):
+        log_model(mode_adapters["all"], store["ref"])
+    with mlflow.start_run(), pytest.raises(ValueError, match="needs `base_files`"):
+        log_model(mode_adapters["all"], None)
+    # A LoRA model edited to reference no base: refused on loading, naming why.
+    folder = shutil.copytree(logged_folder(store, "low-exp"), tmp_path / "model")
+    model = mlflow.models.Model.load(folder / "MLmodel")
+    model.flavors["python_function"]["config"]["base"] = None
+    model.save(folder / "MLmodel")
+    with pytest.raises(ModelConfigError, match="base must be null exactly for an adapter "
+                                               "that reads no base weights"):
+        mlflow.pyfunc.load_model(str(folder))
 
 
 def test_a_base_folder_or_download_setting_given_at_load_time_is_used(store, tmp_path):

@@ -20,7 +20,7 @@ from spamlora.paths import SPLITS, Paths
 from spamlora.tracking import EXPERIMENT, RUN_ID_KEY, STAGES_TAG, TRAINING_RUN_TAG
 
 from .conftest import REPO, dataset_zip_bytes, local_server, make_hf_gpt2
-from .workspace import dvc, env, make_workspace
+from .workspace import dvc, env, make_workspace, served_probabilities, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -310,3 +310,51 @@ def test_push_then_a_second_clone_pulls_and_runs_no_stage(pipeline, tmp_path):
     trained = json.loads((clone / "metrics" / "train.json").read_text())[RUN_ID_KEY]
     assert run.data.tags[TRAINING_RUN_TAG] == trained
     assert run.data.tags[STAGES_TAG] == "evaluate,plot"
+
+
+@pytest.mark.parametrize("settings, trainable, token, weights", [
+    (["train.trainable=last_block"], "last_block", "last", "pretrained"),
+    (["train.token=first"], "lora", "first", "pretrained"),
+    (["model.weights=random", "train.trainable=all"], "all", "last", "random")])
+def test_a_mode_is_an_experiment_with_its_own_run_metrics_and_served_model(
+        pipeline, settings, trainable, token, weights):
+    """Issue 24, items 2-4 and 6: each mode trains into its own MLflow run, with its
+    metrics and its parameter counts, and its model scores the same by the files
+    (`spamlora predict`), by URI, promoted, and served by `mlflow models serve`."""
+    from spamlora.adapter import read_spec
+    from spamlora.precision import resolve_device, resolve_precision
+
+    ws, _, _ = pipeline
+    paths = Paths(ws)
+    # Each experiment starts from the committed params, not the last experiment's.
+    subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=ws, check=True)
+    out = dvc(ws, "exp", "run", *[arg for s in settings for arg in ("-S", s)])
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    spec = read_spec(paths.adapter)
+    assert (spec.trainable, spec.token, spec.weights) == (trainable, token, weights)
+    trained = json.loads(paths.metrics("train").read_text())
+    evaluation = json.loads(paths.metrics("eval").read_text())
+    assert evaluation[RUN_ID_KEY] == trained[RUN_ID_KEY]  # one run: trained, evaluated
+    client, runs = mlflow_runs(ws)
+    run = client.get_run(trained[RUN_ID_KEY])
+    assert run.info.status == "FINISHED" and run.data.tags.get("dvc.exp_name")
+    assert (run.data.params["train.trainable"], run.data.params["train.token"],
+            run.data.params["model.weights"]) == (trainable, token, weights)
+    assert run.data.metrics["test.accuracy"] == evaluation["test"]["accuracy"]
+    assert run.data.params["parameters.trainable"] == str(trained["parameters"]["trainable"])
+    assert sum(r.data.params.get("train.trainable") == trainable
+               and r.data.params.get("train.token") == token for r in runs) >= 1
+
+    # The served model's precision is `auto`: the files are scored at what that is here.
+    host = str(resolve_precision("auto", resolve_device("auto"))).removeprefix("torch.")
+    predict = ("predict", "--precision", {"bfloat16": "bf16", "float32": "fp32"}[host],
+               "--format", "jsonl", *MESSAGES)
+    by_files = probabilities(spamlora(ws, *predict))
+    by_uri = probabilities(spamlora(ws, *predict, "--model",
+                                    f"runs:/{run.info.run_id}/model"))
+    assert by_uri == pytest.approx(by_files, abs=1e-4)
+    alias = f"{weights}-{trainable}-{token}"
+    out = spamlora(ws, "promote", "--run", run.info.run_id, "--alias", alias)
+    assert f"from run {run.info.run_id}" in out
+    with serving(ws, f"models:/spamlora-sms@{alias}") as url:
+        assert served_probabilities(url, MESSAGES) == pytest.approx(by_files, abs=1e-4)

@@ -16,7 +16,7 @@ from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
 from spamlora.weights import load_gpt2
 
-from .conftest import sms_lines
+from .conftest import make_hf_gpt2, sms_lines
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,8 @@ def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumab
     tokenizer = Tokenizer(folder)
     base = load_gpt2(folder)
     spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, dropout=dropout, max_length=64,
-                       pad_id=tokenizer.pad_id)
+                       pad_id=tokenizer.pad_id, trainable=params.trainable,
+                       token=params.token)
     model = build_classifier(base, spec, seed=params.seed)
     tr, ytr, va, yva = separable_task(tokenizer)
     steps = []
@@ -51,8 +52,11 @@ def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumab
 PARAMS = TrainParams(epochs=4, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3)
 
 
-def test_learns_a_separable_task(tiny_gpt2):
-    history, steps = run(tiny_gpt2, PARAMS)
+@pytest.mark.parametrize("trainable, token", [("lora", "last"), ("last_block", "first"),
+                                               ("all", "mean")])
+def test_learns_a_separable_task(tiny_gpt2, trainable, token):
+    params = dataclasses.replace(PARAMS, trainable=trainable, token=token)
+    history, steps = run(tiny_gpt2, params)
     first, last = history.epochs[0], history.epochs[-1]
     assert last.val_accuracy >= 0.95
     assert last.train_loss < first.train_loss
@@ -112,14 +116,18 @@ def test_collate_rounds_the_width_up_but_never_past_the_context():
     assert batching.collate([[1] * 10], [0], 0, pad_to=20).ids.shape == (1, 20)
 
 
-@pytest.mark.parametrize("dtype, dropout, stop_at", [
-    (torch.float32, 0.1, 5), (torch.float32, 0.0, 8), (torch.bfloat16, 0.1, 13)])
+@pytest.mark.parametrize("dtype, dropout, stop_at, trainable, token", [
+    (torch.float32, 0.1, 5, "lora", "last"), (torch.float32, 0.0, 8, "lora", "last"),
+    (torch.bfloat16, 0.1, 13, "lora", "last"),
+    (torch.float32, 0.0, 5, "last_two_blocks", "mean"),
+    (torch.bfloat16, 0.0, 13, "all", "first")])
 def test_an_interrupted_training_resumes_bit_exactly(tiny_gpt2, tmp_path, dtype, dropout,
-                                                     stop_at):
+                                                     stop_at, trainable, token):
     """Stopped after step `stop_at` (mid-epoch, at an epoch's end), then resumed by a
     fresh model: the same history and adapter bytes as a run never interrupted. LoRA
-    dropout makes the global generator's state matter too."""
-    params = dataclasses.replace(PARAMS, epochs=3)
+    dropout makes the global generator's state matter too; in the other modes the
+    checkpoint holds the blocks (or every weight) and their optimizer state."""
+    params = dataclasses.replace(PARAMS, epochs=3, trainable=trainable, token=token)
     straight, _ = run(tiny_gpt2, params, dtype, tmp_path / "straight.safetensors",
                       dropout=dropout)
     checkpoints = Checkpoints(tmp_path, "k")
@@ -162,3 +170,42 @@ def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gp
     monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 3600.0)
     run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=1))
     assert "examples/s" not in capsys.readouterr().out
+
+
+# The default recipe's numbers (trainable: lora, token: last, packed) as the code before
+# the trainable/token modes computed them (issue 24), for the build they were measured
+# on: a bit-level change to the default computation fails here.
+DEFAULT_RESULT = {
+    "build": ("2.13.0+cpu", "AVX512"),
+    "tensors_sha256": "d09cf70cfbf24d20f6b2aa550d59614d65b7bad3035bd3eea30654ba66d57339",
+    "first_step_losses": ["0x1.7693040000000p-1", "0x1.7a54f80000000p-1"],
+    "val_loss": "0x1.42fa240000000p-1",
+}
+
+
+def test_the_default_modes_give_the_same_bits_as_before_they_existed(tmp_path):
+    from spamlora.adapter import tensors_digest, trainable_state
+
+    build = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    if build != DEFAULT_RESULT["build"]:
+        pytest.skip(f"reference bits measured with torch {DEFAULT_RESULT['build']}, this "
+                    f"is {build}")
+    folder = make_hf_gpt2(tmp_path / "g", tokenizer=False, vocab_size=257)
+    base = load_gpt2(folder)
+    model = build_classifier(base, AdapterSpec("tiny", base.cfg, rank=4, alpha=8,
+                                               max_length=64, pad_id=0), seed=3)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 257, size=n).tolist() for n in rng.integers(1, 40, size=48)]
+    labels = np.array([len(t) % 2 for t in ids])
+    params = TrainParams(epochs=1, batch_size=8, lr=5e-3, weight_decay=0.0, seed=3)
+    assert (params.trainable, params.token, params.padding) == ("lora", "last", "packed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = train_classifier(model, ids[:40], labels[:40], ids[40:], labels[40:],
+                                   params, 0, 64, CPU, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert tensors_digest(trainable_state(model)) == DEFAULT_RESULT["tensors_sha256"]
+    assert [x.hex() for x in history.step_losses[:2]] == DEFAULT_RESULT["first_step_losses"]
+    assert history.epochs[-1].val_loss.hex() == DEFAULT_RESULT["val_loss"]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 TRACKED = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore",
            ".gitignore", "pyproject.toml"]
@@ -87,3 +92,42 @@ def dvc(workspace: Path, *args: str, timeout: float = 300) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{out}"
     return out
+
+
+@contextlib.contextmanager
+def serving(workspace: Path, model_uri: str) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` from the workspace's store, on a free port of
+    127.0.0.1: its URL while it runs."""
+    port = free_port()
+    log = workspace / f"serve-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+            cwd=workspace, env={**env(workspace), "MLFLOW_TRACKING_URI":
+                                f"sqlite:///{workspace / 'mlflow.db'}"},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, f"server exited: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"server did not answer /ping in 120 s: {log.read_text()}")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def served_probabilities(url: str, texts: list[str]) -> list[float]:
+    request = urllib.request.Request(url + "/invocations",
+                                     data=json.dumps({"inputs": texts}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return [row["spam_probability"] for row in json.loads(r.read())["predictions"]]

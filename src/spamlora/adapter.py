@@ -1,8 +1,11 @@
 """The adapter file: what training changed, and how to rebuild the classifier around it.
 
-It holds only the LoRA matrices and the new head, plus, in its safetensors metadata,
-everything needed to rebuild the classifier on the public base model: base config, LoRA
-settings, number of classes, max length; and the sha256 of its tensors, checked on reading.
+It holds exactly the parameters that were trained (`train.trainable`): the LoRA matrices
+and the new head by default; or the last one or two blocks, the final LayerNorm and the
+head; the head alone; or every weight. In its safetensors metadata it holds everything
+needed to rebuild the classifier on the public base model: base config, which mode was
+trained and which token the head reads, LoRA settings, number of classes, max length;
+and the sha256 of its tensors, checked on reading.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from .errors import SpamloraError
 from .fileio import atomic_path
 from .model import GPTConfig
-from .presets import LORA_INITS, TARGET_MODULES
+from .presets import LORA_INITS, TARGET_MODULES, TOKENS, TRAINABLE, WEIGHTS
 
 ADAPTER_FORMAT = "spamlora-adapter/1"
 # One metadata key only: safetensors writes several in random (hash map) order, which
@@ -68,6 +71,20 @@ class AdapterSpec:
     init: str = "reference"
     # sha256 of the base model's files it was trained on (config.json, model.safetensors)
     base_sha256: dict[str, str] | None = None
+    # Adapters written before these were recorded were all LoRA reading the last token.
+    trainable: str = "lora"  # presets.TRAINABLE; the LoRA fields matter only for `lora`
+    token: str = "last"  # presets.TOKENS
+    # A random base (model.weights) is rebuilt from its seed wherever the classifier is
+    # loaded, and must have the digest (`tensors_digest` of its parameters) it had.
+    weights: str = "pretrained"  # presets.WEIGHTS
+    base_seed: int | None = None
+    random_sha256: str | None = None
+
+    @property
+    def reads_base_weights(self) -> bool:
+        """Whether the classifier needs the base folder's weights file (besides its
+        config and tokenizer)."""
+        return self.weights == "pretrained" and self.trainable != "all"
 
     def check(self, source: str) -> AdapterSpec:
         """The same rules as params.yaml's, plus bounds a file could otherwise abuse (a
@@ -81,6 +98,20 @@ class AdapterSpec:
         targets = self.targets
         rules = [
             (lambda: isinstance(self.base_model, str), "base_model", "must be a string"),
+            (lambda: isinstance(self.trainable, str) and self.trainable in TRAINABLE,
+             "trainable", f"must be one of {list(TRAINABLE)}"),
+            (lambda: isinstance(self.token, str) and self.token in TOKENS, "token",
+             f"must be one of {list(TOKENS)}"),
+            (lambda: isinstance(self.weights, str) and self.weights in WEIGHTS, "weights",
+             f"must be one of {list(WEIGHTS)}"),
+            (lambda: (self.weights == "random") == (
+                _is_int(self.base_seed) and -2 ** 63 <= self.base_seed < 2 ** 64),
+             "base_seed", "must be the random base's seed (an integer torch can seed "
+             "with), and null for a pretrained one"),
+            (lambda: (self.weights == "random") == (
+                isinstance(self.random_sha256, str)
+                and SHA256.fullmatch(self.random_sha256) is not None), "random_sha256",
+             "must be the random base's sha256, and null for a pretrained one"),
             (lambda: _is_int(self.rank) and 1 <= self.rank <= cfg.emb_dim, "rank",
              f"must be an integer in [1, {cfg.emb_dim}] (the base's width)"),
             (lambda: _is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
@@ -134,6 +165,11 @@ class AdapterSpec:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The name and shape of every tensor the adapter file must hold."""
+        if self.trainable != "lora":
+            n_layers = self.base_config.n_layers
+            return {name: shape for name, shape in
+                    classifier_shapes(self.base_config, self.num_classes).items()
+                    if is_trained(name, self.trainable, n_layers)}
         d = self.base_config.emb_dim
         dims = {"query": (d, d), "key": (d, d), "value": (d, d), "attn_out": (d, d),
                 "mlp_fc": (d, 4 * d), "mlp_proj": (4 * d, d)}
@@ -178,6 +214,45 @@ class AdapterSpec:
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{source}: unreadable adapter metadata: {e}") from None
         return spec.check(source)
+
+
+def classifier_shapes(cfg: GPTConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every parameter of a classifier without LoRA (model.py's
+    layout, its head swapped for `num_classes` outputs), from the config alone: a file
+    is checked against it before any model is built."""
+    d, ff = cfg.emb_dim, 4 * cfg.emb_dim
+    shapes = {"tok_emb.weight": (cfg.vocab_size, d), "pos_emb.weight": (cfg.context_length, d)}
+    for block in range(cfg.n_layers):
+        p = f"trf_blocks.{block}."
+        for name, (out_dim, in_dim) in {"att.W_query": (d, d), "att.W_key": (d, d),
+                                        "att.W_value": (d, d), "att.out_proj": (d, d),
+                                        "ff.layers.0": (ff, d), "ff.layers.2": (d, ff)}.items():
+            shapes[f"{p}{name}.weight"] = (out_dim, in_dim)
+            shapes[f"{p}{name}.bias"] = (out_dim,)
+        for norm in ("norm1", "norm2"):
+            shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (d,)
+    shapes["final_norm.weight"] = shapes["final_norm.bias"] = (d,)
+    shapes["out_head.weight"], shapes["out_head.bias"] = (num_classes, d), (num_classes,)
+    return shapes
+
+
+BLOCK = re.compile(r"trf_blocks\.(\d+)\.")
+
+
+def is_trained(name: str, trainable: str, n_layers: int) -> bool:
+    """Whether a classifier's parameter `name` is trained in mode `trainable`, with
+    LLMs-from-scratch's meanings; the head always is."""
+    if name.startswith("out_head.") or trainable == "all":
+        return True
+    if trainable == "lora":
+        return ".lora." in name
+    if trainable in ("last_block", "last_two_blocks"):
+        if name.startswith("final_norm."):
+            return True
+        block = BLOCK.match(name)
+        last = 1 if trainable == "last_block" else 2
+        return block is not None and int(block[1]) >= n_layers - last
+    return False  # last_layer: the head alone
 
 
 def _stored_metadata(meta: dict[str, str] | None, source: str) -> dict:
@@ -250,6 +325,20 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, path: str | Path) -> None:
     tensors = trainable_state(model)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=spec.to_metadata(tensors_digest(tensors)))
+
+
+def read_spec(path: str | Path) -> AdapterSpec:
+    """The validated spec of an adapter file, none of its tensors read (an adapter of
+    every weight is the size of the model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter not found (train one with `dvc repro train`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return AdapterSpec.from_metadata(f.metadata(), str(path))
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: unreadable adapter file (truncated or corrupt?): "
+                           f"{e}") from None
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:

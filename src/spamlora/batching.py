@@ -1,8 +1,8 @@
 """The one batching path for training, evaluation and prediction.
 
 A batch is token ids in rows plus where each message lies in them. Two layouts, both
-exact per message (the classifier reads each message's last token, which sees only its
-own message):
+exact per message (the classifier reads its own tokens only: its last, its first or
+their mean, `train.token`):
 - padded: one message a row, right-padded with the tokenizer's `<|endoftext|>` id to the
   batch's longest; causal attention keeps the padding out of every real token's view.
 - packed (training's default): the messages laid end to end in one row (more only when
@@ -47,6 +47,15 @@ class Batch:
     def logits(self, model) -> torch.Tensor:
         """The model's logits for each message, (messages, classes), in `index` order."""
         return model(self.ids, self.lengths, self.packing)
+
+
+def resolve_max_length(setting: int | str | None, longest: int, context: int) -> int:
+    """`train.max_length` in tokens: null, the longest training message; `model`, the
+    model's context (the book's `model_context_length`); else the number given. Never
+    past the context."""
+    if setting == "model":
+        return context
+    return min(setting or longest, context)
 
 
 def truncate(ids: list[list[int]], max_length: int) -> tuple[list[list[int]], list[int]]:

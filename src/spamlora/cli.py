@@ -19,7 +19,7 @@ from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .fileio import no_space_message
 from .paths import Paths
-from .presets import PRESETS
+from .presets import PRESETS, TRAINABLE
 from .stage import INTERRUPTED_STATUS
 
 
@@ -29,7 +29,13 @@ class UsageError(SpamloraError):
 
 def _summary(args: argparse.Namespace) -> None:
     from .adapter import AdapterSpec
-    from .classifier import build_classifier, format_summary, parameter_counts
+    from .classifier import (
+        build_classifier,
+        counts_by_mode,
+        format_counts_by_mode,
+        format_summary,
+        parameter_counts,
+    )
     from .model import GPTConfig, GPTModel
     from .weights import load_gpt2
 
@@ -38,9 +44,11 @@ def _summary(args: argparse.Namespace) -> None:
     else:
         base = GPTModel(GPTConfig.preset(args.model))
     spec = AdapterSpec(args.model, base.cfg, args.lora_rank, args.lora_alpha or args.lora_rank,
-                       num_classes=args.num_classes)
+                       num_classes=args.num_classes, trainable=args.trainable)
     model = build_classifier(base, spec, seed=123)
     print(format_summary(model, parameter_counts(model)))
+    print(f"\nThe classifier in every mode (`{args.trainable}` above):")
+    print(format_counts_by_mode(counts_by_mode(spec)))
 
 
 def _download_model(args: argparse.Namespace) -> None:
@@ -311,14 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spamlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("summary", help="print the LoRA classifier's structure and "
-                                       "parameter counts")
+    s = sub.add_parser("summary", help="print the classifier's structure and parameter "
+                                       "counts, in each train.trainable mode")
     s.add_argument("--model", default="gpt2",
                    choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     s.add_argument("--lora-rank", type=int, default=8)
     s.add_argument("--lora-alpha", type=float, default=None,
                    help="default: equal to the rank")
     s.add_argument("--num-classes", type=int, default=2)
+    s.add_argument("--trainable", default="lora", choices=TRAINABLE,
+                   help="what is trained besides the head, as train.trainable")
     init = s.add_mutually_exclusive_group()
     init.add_argument("--random-init", action="store_true",
                       help="random weights of the preset's shape (default; no download)")

@@ -19,7 +19,7 @@ import yaml
 from .download import URL_SCHEMES, is_url
 from .errors import SpamloraError
 from .hub import MODEL_FILES, resolve_revision, resolve_sha256
-from .presets import LORA_INITS, PRESETS, TARGET_MODULES
+from .presets import LORA_INITS, PRESETS, TARGET_MODULES, TOKENS, TRAINABLE, WEIGHTS
 
 LORA_TARGETS = tuple(TARGET_MODULES)
 
@@ -106,9 +106,13 @@ class ModelParams:
     revision: str = "auto"  # auto: the commit pinned for `name` in hub.PINS
     # auto: the pinned sha256 of each file; {file: sha256}: these; None: no check
     sha256: str | dict[str, str] | None = "auto"
+    # pretrained | random: PyTorch's initialisation seeded by train.seed, weights not read
+    weights: str = "pretrained"
 
     def check(self, err) -> None:
         err(self.name in PRESETS, "name", f"must be one of {sorted(PRESETS)}")
+        err(self.weights in WEIGHTS, "weights",
+            f"must be one of {list(WEIGHTS)}, got {self.weights!r}")
         err(_url_ok(self.url), "url", f"must be an {'/'.join(URL_SCHEMES)} URL or a local "
                                       f"path, got {self.url!r}")
         err(bool(self.revision) and "/" not in self.revision, "revision",
@@ -162,7 +166,8 @@ class TrainParams:
     lr: float = 8e-4
     weight_decay: float = 0.1
     seed: int = 123
-    max_length: int | None = None  # None: longest training message, capped at the context
+    # None: longest training message; model: the model's context; each capped at the context
+    max_length: int | str | None = None
     device: str = "auto"  # auto: cuda, then mps, then cpu
     precision: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
     # packed: a batch's messages end to end, no padding; batch: one a row, padded to the
@@ -171,14 +176,20 @@ class TrainParams:
     group_by_length: bool = False  # draw batches from messages of similar length
     nproc: int = 1  # processes under torchrun (DistributedDataParallel); batch is global
     checkpoint_seconds: float = 300.0  # also at every epoch's end; 0: after every step
+    trainable: str = "lora"  # what is trained besides the head (presets.TRAINABLE)
+    token: str = "last"  # which hidden state of each message the head reads
 
     def check(self, err) -> None:
+        err(self.trainable in TRAINABLE, "trainable",
+            f"must be one of {list(TRAINABLE)}, got {self.trainable!r}")
+        err(self.token in TOKENS, "token", f"must be one of {list(TOKENS)}, got {self.token!r}")
         err(self.epochs >= 1, "epochs", "must be >= 1")
         err(self.batch_size >= 1, "batch_size", "must be >= 1")
         err(self.lr > 0, "lr", "must be > 0")
         err(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        err(self.max_length is None or self.max_length >= 1, "max_length",
-            "must be null or >= 1")
+        err(self.max_length in (None, "model") or (
+            isinstance(self.max_length, int) and self.max_length >= 1), "max_length",
+            f"must be null, model or an integer >= 1, got {self.max_length!r}")
         err(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
             "device", "must be auto, cpu, cuda, cuda:N or mps")
         err(self.precision in ("auto", "fp32", "bf16"), "precision",

@@ -16,6 +16,11 @@ A base whose files differ from the reference is refused, naming the file. Loadin
 goes through `Predictor`, the code `spamlora predict` and the evaluate stage use: LoRA
 merged, packed inference, the same probabilities.
 
+A classifier that reads no base weights (`train.trainable: all`: its adapter holds every
+weight; `model.weights: random`: its base is rebuilt from a seed) has none to reference:
+its model carries the base's config and tokenizer files (`BASE_FILES`, ~1.5 MB), with
+`base: null` in its `model_config`.
+
 The model is logged as code, not as a pickle: its code is `model_code.py`, which MLflow
 runs at load time. Every `model_config` value is checked (`read_model_config`) before
 it names a file or folder: a model from a shared store may have been crafted.
@@ -45,7 +50,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType, DataType, Map
 
-from .adapter import AdapterSpec, read_adapter
+from .adapter import AdapterSpec, read_spec
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
 from .hub import MODEL_FILES, file_sha256
@@ -63,6 +68,9 @@ MODEL_NAME = "model"  # the logged model's name in every run
 ADAPTER_DIGEST_TAG = "spamlora.adapter_sha256"
 BASE_MODEL_ENV = "SPAMLORA_BASE_MODEL"
 ADAPTER_ARTIFACT = "adapter"
+# What a model of every weight carries of its base: the architecture and the tokenizer.
+BASE_FILES_ARTIFACT = "base_files"
+BASE_FILES = tuple(f for f in MODEL_FILES if f != "model.safetensors")
 TEXT_COLUMN = "text"
 # Unnamed, so that `{"inputs": ["msg", ...]}` and a plain list pass MLflow's schema
 # check (a named column refuses them); `predict` then takes the `text` column. `any`, not
@@ -280,14 +288,27 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
         config = read_model_config(context.model_config or {})
         self.threshold = config.threshold
         adapter = context.artifacts[ADAPTER_ARTIFACT]
+        carried = context.artifacts.get(BASE_FILES_ARTIFACT)
+        if (config.base is None) != (not read_spec(adapter).reads_base_weights):
+            raise ModelConfigError("model_config base must be null exactly for an adapter "
+                                   "that reads no base weights (train.trainable: all, or "
+                                   "model.weights: random), got "
+                                   f"{'null' if config.base is None else 'a base'}")
+        if config.base is None and carried is None:
+            raise ModelConfigError(f"model_config base is null, but the model carries no "
+                                   f"{BASE_FILES_ARTIFACT!r}")
         self.predictor = _being_logged(config.base, adapter)
         if self.predictor is None:
-            base = find_base(config.base, config.base_model, config.download)
-            # find_base hashed every file against the reference: no second pass over them
+            if config.base is None:
+                base, digests = carried, None
+            else:
+                base = find_base(config.base, config.base_model, config.download)
+                # find_base hashed every file against the reference: no second pass
+                digests = config.base.sha256
             self.predictor = Predictor(base, adapter, device=config.device,
                                        precision=config.precision,
                                        batch_size=config.batch_size, strict=True,
-                                       base_sha256=config.base.sha256)
+                                       base_sha256=digests)
 
     # The hint is one MLflow infers no schema from (SIGNATURE is given) and converts
     # nothing for; without one it warns on every import. model_texts takes lists too.
@@ -331,7 +352,7 @@ class SpamloraModel(mlflow.pyfunc.PythonModel):
 @dataclass(frozen=True)
 class ModelConfig:
     """A logged model's `model_config`, with the overrides given at load time, checked."""
-    base: BaseReference
+    base: BaseReference | None  # None: the model carries its weights (`BASE_FILES`)
     base_model: str | None
     download: DownloadParams
     device: str
@@ -377,7 +398,8 @@ def read_model_config(config: Mapping[str, object]) -> ModelConfig:
         raise _config_error("batch_size", "must be an integer >= 1", values["batch_size"])
     if not _number(values["threshold"]) or not 0 <= values["threshold"] <= 1:
         raise _config_error("threshold", "must be a number in [0, 1]", values["threshold"])
-    return ModelConfig(BaseReference.from_config(config["base"]), base_model,
+    base = None if config["base"] is None else BaseReference.from_config(config["base"])
+    return ModelConfig(base, base_model,
                        DownloadParams(float(download["timeout"]), download["retries"]),
                        values["device"], values["precision"], values["batch_size"],
                        float(values["threshold"]))
@@ -463,16 +485,26 @@ def _unusable(model, adapter_sha256: str) -> str | None:
     return None
 
 
-def log_model(adapter: Path, base: BaseReference, in_memory: Predictor | None = None) -> str:
+def log_model(adapter: Path, base: BaseReference | None, in_memory: Predictor | None = None,
+              base_files: Path | None = None) -> str:
     """Log the classifier as model `MODEL_NAME` of the active run; its model URI. Its
     code is `MODEL_CODE`, not a pickle. MLflow checks the input example against the
     signature, then loads the logged model and scores the example as its server would:
     `in_memory`, the classifier of `adapter` on `base` already in memory (the one just
-    trained), is then used instead of loading the base and adapter a second time.
+    trained), is then used instead of loading the base and adapter a second time. An
+    adapter that reads no base weights (every weight trained, or a random base)
+    references no base (`base` None): `base_files`, a base folder, gives the config and
+    tokenizer files it carries instead.
 
     A run holds one such model: one it logged already with this adapter (a training
     killed after logging it, then resumed) is returned as it is, and any other it holds
     (another adapter, cut short, its files gone) is deleted once this one is logged."""
+    if (base is None) != (not read_spec(adapter).reads_base_weights):
+        raise ValueError(f"{adapter}: an adapter that reads no base weights is logged "
+                         f"with no base reference, any other with one")
+    if base is None and base_files is None:
+        raise ValueError(f"{adapter}: an adapter that reads no base weights needs "
+                         f"`base_files`")
     digest = file_sha256(adapter)
     run = mlflow.active_run()
     client = mlflow.MlflowClient()
@@ -482,7 +514,8 @@ def log_model(adapter: Path, base: BaseReference, in_memory: Predictor | None = 
     if kept is not None:
         log.info("run %s logged this adapter already: %s kept", run.info.run_id,
                  kept.model_uri)
-    uri = kept.model_uri if kept is not None else _log_new(adapter, digest, base, in_memory)
+    uri = kept.model_uri if kept is not None else _log_new(adapter, digest, base, in_memory,
+                                                           base_files)
     for model in existing:
         if model.model_uri != uri:
             log.warning("run %s: %s deleted, %s; %s replaces it", run.info.run_id,
@@ -491,21 +524,32 @@ def log_model(adapter: Path, base: BaseReference, in_memory: Predictor | None = 
     return uri
 
 
-def _log_new(adapter: Path, digest: str, base: BaseReference,
-             in_memory: Predictor | None) -> str:
+def _log_new(adapter: Path, digest: str, base: BaseReference | None,
+             in_memory: Predictor | None, base_files: Path | None) -> str:
     """`log_model`'s logging proper: the new model's URI."""
+    import shutil
+    import tempfile
+
     token = None
     if in_memory is not None:
         token = _LOGGING.set(_InMemory(digest, base, in_memory))
     try:
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(MODEL_CODE),
-            artifacts={ADAPTER_ARTIFACT: str(adapter)},
-            model_config={"base": asdict(base), **DEFAULT_CONFIG},
-            signature=signature(in_memory.spec if in_memory is not None
-                                else read_adapter(adapter)[0]),
-            input_example=INPUT_EXAMPLE,
-            pip_requirements=_requirements(), tags={ADAPTER_DIGEST_TAG: digest})
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = {ADAPTER_ARTIFACT: str(adapter)}
+            if base is None:
+                carried = Path(tmp) / BASE_FILES_ARTIFACT
+                carried.mkdir()
+                for name in BASE_FILES:
+                    shutil.copy(Path(base_files) / name, carried / name)
+                artifacts[BASE_FILES_ARTIFACT] = str(carried)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts=artifacts,
+                model_config={"base": None if base is None else asdict(base),
+                              **DEFAULT_CONFIG},
+                signature=signature(in_memory.spec if in_memory is not None
+                                    else read_spec(adapter)),
+                input_example=INPUT_EXAMPLE,
+                pip_requirements=_requirements(), tags={ADAPTER_DIGEST_TAG: digest})
     finally:
         if token is not None:
             _LOGGING.reset(token)

@@ -97,14 +97,16 @@ class Packing:
     """How several messages lie end to end in the rows of a token batch (`idx`).
 
     Each message attends only to itself, causally (a block-diagonal mask), its positions
-    restart at 0, and the classifier reads its last token: per message, the same result
-    as running it alone, but the batch computes its real tokens only, with no padding
-    between messages. Tokens after the last message of a row (rounding the width up) form
-    a block of their own that no message sees."""
+    restart at 0, and the classifier reads its own tokens only: per message, the same
+    result as running it alone, but the batch computes its real tokens only, with no
+    padding between messages. Tokens after the last message of a row (rounding the width
+    up) form a block of their own that no message sees."""
     positions: torch.Tensor  # (rows, width) position of each token in its message
     mask: torch.Tensor  # (rows, width, width) bool: may token i attend to token j
     last: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each message's last token
     longest: int  # tokens in the longest message
+    first: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each message's first token
+    segment: torch.Tensor  # (rows, width) the message each token belongs to, -1: none
 
     @classmethod
     def build(cls, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
@@ -119,13 +121,14 @@ class Packing:
         mask = (segment[:, :, None] == segment[:, None, :]) & causal
         rows_t, starts_t = torch.tensor(list(rows)), torch.tensor(list(starts))
         return cls(positions, mask, (rows_t, starts_t + torch.tensor(list(lengths)) - 1),
-                   max(lengths))
+                   max(lengths), (rows_t, starts_t), segment)
 
     def to(self, device: torch.device | str) -> Packing:
-        return Packing(self.positions.to(device, non_blocking=True),
-                       self.mask.to(device, non_blocking=True),
-                       tuple(t.to(device, non_blocking=True) for t in self.last),
-                       self.longest)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return Packing(move(self.positions), move(self.mask), tuple(map(move, self.last)),
+                       self.longest, tuple(map(move, self.first)), move(self.segment))
 
 
 class CausalSelfAttention(nn.Module):
@@ -201,10 +204,28 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def mean_over_messages(hidden: torch.Tensor, segment: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+    """Each message's mean hidden state, (messages, emb_dim), from `hidden` (rows, width,
+    emb_dim) and `segment` (which message each token belongs to, -1 for none). One
+    product with a (messages, tokens) averaging matrix: deterministic on every device,
+    unlike a scatter, and exact zeros for the tokens of padding and other messages. In
+    fp32 whatever the autocast: a bf16 sum of up to a context of tokens would lose the
+    mean's low bits."""
+    messages = torch.arange(len(lengths), device=segment.device)
+    weights = ((segment.reshape(1, -1) == messages[:, None]).float()
+               / lengths.to(segment.device)[:, None].float())
+    with torch.autocast(hidden.device.type, enabled=False):
+        return weights @ hidden.reshape(-1, hidden.shape[-1]).float()
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        # Which hidden state of each message `forward` reads with `lengths` or `packing`
+        # (presets.TOKENS): a classifier's choice, set when it is built.
+        self.token = "last"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
@@ -218,12 +239,16 @@ class GPTModel(nn.Module):
         """Lay each block's Q, K and V weights (and biases) out one after another in one
         tensor, values unchanged, so `project` reads them as one matrix instead of
         concatenating them at every call. For frozen weights, after any dtype or device
-        change (which gives each parameter new storage again)."""
+        change (which gives each parameter new storage again); trained ones are left
+        apart (`side_by_side` concatenates them anyway, and tensors sharing storage
+        cannot be saved as they are)."""
         for block in self.trf_blocks:
             linears = [getattr(m, "linear", m) for m in
                        (block.att.W_query, block.att.W_key, block.att.W_value)]
             for name in ("weight", "bias"):
                 params = [getattr(linear, name) for linear in linears]
+                if any(p.requires_grad for p in params):
+                    continue
                 joint = torch.cat(params)
                 for p, part in zip(params, joint.split([len(p) for p in params]),
                                    strict=True):
@@ -257,17 +282,33 @@ class GPTModel(nn.Module):
         """Logits for token ids `idx` of shape (rows, seq).
 
         Alone: logits at every position, (rows, seq, out_features).
-        With `lengths` (real tokens per right-padded row): logits read from each row's
-        last real token only, (rows, out_features). Attention is causal, so that token
-        never sees the padding after it and the result does not depend on the padding.
-        With `packing` (several messages a row): logits read from each message's last
-        token, (messages, out_features), each message as if alone.
+        With `lengths` (real tokens per right-padded row) or `packing` (several messages
+        a row; `lengths` then per message): logits of each message, (messages,
+        out_features), read from the hidden state `self.token` names: its last real
+        token, its first, or the mean over its own tokens. Attention is causal (within a
+        message when packed), so no message's tokens see padding or another message, and
+        the result is each message's as if alone.
         """
-        if packing is not None:
-            return self.out_head(self.hidden_states(idx, packing, packing.last))
-        if lengths is None:
+        if packing is None and lengths is None:
             return self.out_head(self.hidden_states(idx))
-        if lengths.min() < 1 or lengths.max() > idx.shape[1]:
-            raise ValueError("lengths must lie in [1, seq_len]")
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        return self.out_head(self.hidden_states(idx, last=(rows, lengths.to(idx.device) - 1)))
+        if packing is None:
+            if lengths.min() < 1 or lengths.max() > idx.shape[1]:
+                raise ValueError("lengths must lie in [1, seq_len]")
+            lengths = lengths.to(idx.device)
+            rows = torch.arange(idx.shape[0], device=idx.device)
+        if self.token == "mean":
+            if packing is None:
+                columns = torch.arange(idx.shape[1], device=idx.device)
+                segment = torch.where(columns < lengths[:, None], rows[:, None], -1)
+            else:
+                segment = packing.segment
+                if lengths is None:
+                    lengths = torch.bincount(segment[segment >= 0],
+                                             minlength=len(packing.last[0]))
+            return self.out_head(mean_over_messages(self.hidden_states(idx, packing),
+                                                    segment, lengths))
+        if self.token == "first":
+            at = packing.first if packing is not None else (rows, torch.zeros_like(rows))
+        else:
+            at = packing.last if packing is not None else (rows, lengths - 1)
+        return self.out_head(self.hidden_states(idx, packing, at))

@@ -1,5 +1,6 @@
-"""GPT-2's published sizes, and the names of the Linear layers of a block that LoRA can
-adapt. Plain tables without torch: params validation reads them in every stage."""
+"""GPT-2's published sizes, the names of the Linear layers of a block that LoRA can adapt,
+and the choices of what a classifier trains and reads. Plain tables without torch: params
+validation reads them in every stage."""
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(emb_dim=768, n_layers=12, n_heads=12),
@@ -21,3 +22,16 @@ TARGET_MODULES = {
 # How LoRA's A starts (lora.LoRALayer): fan-in r as LLMs-from-scratch, or in_dim as Hu et
 # al.'s reference code and PEFT.
 LORA_INITS = ("textbook", "reference")
+
+# What training updates (train.trainable), with the meanings of LLMs-from-scratch's
+# ch06 experiments: LoRA; every weight; the last one or two blocks with the final
+# LayerNorm; nothing. The 2-class head is trained in every mode.
+TRAINABLE = ("lora", "all", "last_block", "last_two_blocks", "last_layer")
+
+# Which hidden state of each message the head reads (train.token): its last token (which
+# alone has seen the whole message), its first, or the mean over its tokens.
+TOKENS = ("last", "first", "mean")
+
+# Where the base's weights come from (model.weights): the published checkpoint, or
+# PyTorch's module defaults seeded by train.seed, as the book's `--weights random`.
+WEIGHTS = ("pretrained", "random")

@@ -1,8 +1,8 @@
-"""Fine-tune the LoRA classifier.
+"""Fine-tune the classifier, in any `train.trainable` mode: one loop for all.
 
-Recipe (defaults in params.yaml): AdamW over the trainable parameters only (LoRA A, B
-and the head), as in the LoRA appendix of LLMs-from-scratch; cross-entropy on the logits
-of each message's last real token.
+Recipe (defaults in params.yaml): AdamW over the trainable parameters only (by default
+LoRA A, B and the head), as in the LoRA appendix of LLMs-from-scratch; cross-entropy on
+the logits the model reads at `train.token` (by default each message's last real token).
 """
 
 from __future__ import annotations
