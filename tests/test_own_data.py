@@ -146,19 +146,25 @@ def test_two_class_jsonl_with_other_label_names_and_an_order(workspace):
     assert out["data"]["test"]["urgent_in_train"] == 0
 
 
-def test_tsv_with_quotes_is_read_line_by_line_and_unbalanced_kept(workspace):
-    rows = [(f'he said "hi {i}', "a") for i in range(12)] + [
-        (f"plain {i}", "b") for i in range(30)]
-    with open(workspace / "x.tsv", "w", encoding="utf-8") as f:
-        f.write("label\ttext\n" + "".join(f"{lab}\t{t}\n" for t, lab in rows))
+def test_tsv_with_quoted_fields_embedded_tabs_and_stray_quotes(workspace):
+    """Quoted fields hold tabs, line breaks and doubled quotes, as spreadsheets and
+    pandas write TSV; a quote inside an unquoted field stays a character."""
+    quoted = [(f'col\t{i} "x"', f'"col\t{i} ""x"""', "a") for i in range(6)] + [
+        (f"two\nlines {i}", f'"two\nlines {i}"', "a") for i in range(6)]
+    stray = [(f'he said "hi {i}', f'he said "hi {i}', "b") for i in range(30)]
+    rows = quoted + stray
+    with open(workspace / "x.tsv", "w", encoding="utf-8", newline="") as f:
+        f.write("label\ttext\n" + "".join(f"{lab}\t{raw}\n" for _, raw, lab in rows))
     track(workspace, "x.tsv")
     out = run_data_stages(params(format="tsv", url="x.tsv", sha256=None, positive=None,
                                  balance="none", stratify=True))
     assert out["classes"]["classes"] == ["a", "b"] and out["classes"]["positive"] == "b"
     assert out["balance"]["parsed"] == {"rows": 42, "a": 12, "b": 30}
     everything = pd.concat([out[s] for s in SPLITS])
-    assert sorted(everything["text"]) == sorted(t for t, _ in rows)
+    assert sorted(everything["text"]) == sorted(t for t, _, _ in rows)
     assert everything["id"].min() == 2  # the header is line 1
+    # each message's id is the line its row starts on: a quoted line break spans two
+    assert sorted(everything["id"])[:14] == [2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20, 21]
 
 
 def test_parquet_with_integer_labels(workspace):
@@ -322,6 +328,8 @@ GOOD = "".join(f"{t},{lab}\n" for lab in ("a", "b") for t in texts(lab, 4))
     ("csv", "text,label\nhi, there,a\n" + GOOD,
      r"bad\.csv, line 2: 3 field\(s\), but the header has 2 \(a comma in an unquoted"),
     ("csv", 'text,label\n"never closed,a\n' + GOOD, r"bad\.csv, line 2: not valid CSV"),
+    ("tsv", 'text\tlabel\n"never closed\ta\n' + GOOD.replace(",", "\t"),
+     r"bad\.csv, line 2: not valid TSV .*a field with a tab, quote or line break"),
     ("csv", "text,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(10)),
      r"bad\.csv: column 'text' holds only numbers \(e\.g\. line 2: '0'\)"),
     ("csv", "text\tlabel\nhello\ta\n", r"no column 'text'.*looks tab-separated "

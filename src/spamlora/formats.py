@@ -7,11 +7,11 @@ classes) is an error naming the file and line, or with `on_bad_line="skip"` is d
 and listed in the report. A fault of the whole file (not the format it is said to be, a
 missing column, a text column of numbers, bytes that are not UTF-8) is always an error.
 
-CSV is read with the csv module in strict mode rather than with pandas: pandas' C
-parser silently takes a quote that is never closed as the start of a field that runs to
-the end of the file. TSV has no quoting at all (IANA's text/tab-separated-values: a
-field holds no tab and no line break), so a stray `"` stays a character, as in the SMS
-Spam Collection.
+CSV and TSV are read with the csv module in strict mode rather than with pandas: pandas'
+C parser silently takes a quote that is never closed as the start of a field that runs to
+the end of the file. TSV is quoted as spreadsheets and pandas write it (a field that
+holds a tab, a quote or a line break in double quotes); a `"` inside an unquoted field
+stays a character.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _check_not_numbers(path: Path, rows: Rows, column: str, unit: str = "line") 
 
 
 def _csv_records(text: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
-    """(line the record starts on, fields) of CSV `text`, blank lines left out."""
+    """(line the record starts on, fields) of CSV or TSV `text`, blank lines left out."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     start = 1
     while True:
@@ -183,19 +183,13 @@ def _csv_records(text: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as e:
-            raise FormatError(f"line {start}: not valid CSV ({e}); a field with a "
-                              f"comma, quote or line break must be in double quotes, "
-                              f"its quotes doubled") from None
+            sep = "comma" if delimiter == "," else "tab"
+            raise FormatError(f"line {start}: not valid {'CSV' if sep == 'comma' else 'TSV'}"
+                              f" ({e}); a field with a {sep}, quote or line break must be "
+                              f"in double quotes, its quotes doubled") from None
         if row:
             yield start, row
         start = reader.line_num + 1
-
-
-def _tsv_records(text: str) -> Iterator[tuple[int, list[str]]]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if line:
-            yield number, line.split("\t")
 
 
 def read_table(path: Path, content: bytes, fmt: str, text_column: str, label_column: str,
@@ -203,7 +197,7 @@ def read_table(path: Path, content: bytes, fmt: str, text_column: str, label_col
                                                                     ParseReport]:
     """CSV or TSV with a header row."""
     text = _decode(path, content, fmt)
-    records = _csv_records(text, ",") if fmt == "csv" else _tsv_records(text)
+    records = _csv_records(text, "," if fmt == "csv" else "\t")
     try:
         first = next(records, None)
         if first is None:
