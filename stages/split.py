@@ -25,7 +25,10 @@ def main(params: Params) -> None:
         write_csv(part, paths.split(name))
     counts = split_counts(parts, classes)
     conflicts = label_conflicts(balanced, classes)
-    write_json(paths.metrics("data"), {**counts, "label_conflicts": conflicts})
+    # Reported where there are any: the default data has none, and its data.json stays
+    # what it always was.
+    write_json(paths.metrics("data"),
+               {**counts, **({"label_conflicts": conflicts} if conflicts["texts"] else {})})
     print(" / ".join(f"{name} {counts[name]['rows']:,}" for name in SPLITS))
     for name in ("validation", "test"):
         if counts[name]["in_train"]:

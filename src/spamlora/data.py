@@ -334,16 +334,19 @@ def class_counts(df: pd.DataFrame, classes: Classes = DEFAULT_CLASSES) -> dict[s
 
 def split_counts(parts: dict[str, pd.DataFrame],
                  classes: Classes = DEFAULT_CLASSES) -> dict[str, dict[str, int]]:
-    """Class counts of each split; for validation and test also how many rows (and how
-    many of each class) have a copy in train, whose scores then measure memory, not
-    generalisation."""
+    """Class counts of each split; for validation and test also how many rows have a
+    copy in train, whose scores then measure memory, not generalisation, and how many of
+    the positive class (of two), or of each class (of more), do. Two classes give the
+    keys they always gave (`spam_in_train` for the SMS data)."""
     counts = {name: class_counts(part, classes) for name, part in parts.items()}
+    counted = ([classes.positive] if classes.positive is not None else classes.names)
     for name, part in parts.items():
         if name != "train":
             copies = part[seen_in(part, parts["train"])]
             counts[name]["in_train"] = len(copies)
-            for i, cls in enumerate(classes.names):
-                counts[name][f"{cls}_in_train"] = int((copies["label"] == i).sum())
+            for cls in counted:
+                index = classes.names.index(cls)
+                counts[name][f"{cls}_in_train"] = int((copies["label"] == index).sum())
     return counts
 
 
