@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -358,3 +359,77 @@ def test_a_mode_is_an_experiment_with_its_own_run_metrics_and_served_model(
     assert f"from run {run.info.run_id}" in out
     with serving(ws, f"models:/spamlora-sms@{alias}") as url:
         assert served_probabilities(url, MESSAGES) == pytest.approx(by_files, abs=1e-4)
+
+
+def own_messages(classes: list[str], per_class: int) -> list[tuple[str, str]]:
+    """(text, label) rows whose texts name their class, some with a tab and quotes."""
+    return [(f'{label} note {i}: "see"\tdetails {i * 7}' if i % 3 == 0 else
+             f"{label} message number {i} about {label} things", label)
+            for label in classes for i in range(per_class)]
+
+
+@pytest.mark.parametrize("fmt, classes", [("tsv", ["alpha", "beta", "gamma"]),
+                                          ("parquet", ["urgent", "later"])])
+def test_own_labelled_file_is_one_experiment_scored_with_its_own_names(
+        pipeline, fmt, classes):
+    """Issue 26: a labelled file of another format and other class names, tracked as a
+    dependency, through `dvc exp run` to a model that `spamlora predict` and `mlflow
+    models serve` score with its own label names."""
+    ws, _, _ = pipeline
+    start = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=ws, check=True)
+    name = f"mine.{fmt}"
+    try:
+        rows = pd.DataFrame(own_messages(classes, 30), columns=["message", "kind"])
+        if fmt == "tsv":  # quoted as pandas writes TSV: fields with a tab in quotes
+            rows.to_csv(ws / name, sep="\t", index=False, lineterminator="\n")
+            assert '"' in (ws / name).read_text()
+        else:
+            rows.to_parquet(ws / name)
+        dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
+        dvc_yaml["stages"]["download_data"]["deps"].append(name)
+        (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+        subprocess.run(["git", "add", "-A"], cwd=ws, env=env(ws), check=True)
+        subprocess.run(["git", "commit", "-qm", f"own {fmt} data"], cwd=ws, env=env(ws),
+                       check=True)
+        positive = "urgent" if len(classes) == 2 else "null"
+        out = dvc(ws, "exp", "run", "-S", f"data.format={fmt}", "-S", f"data.url={name}",
+                  "-S", "data.sha256=null", "-S", "data.text_column=message",
+                  "-S", "data.label_column=kind", "-S", f"data.positive={positive}",
+                  "-S", "data.stratify=true", "-S", "train.epochs=1")
+        for stage in ("download_data", "balance", "split", "train", "evaluate", "plot"):
+            assert f"Running stage '{stage}'" in out
+        paths = Paths(ws)
+        evaluation = json.loads(paths.metrics("eval").read_text())
+        confusion = evaluation["test"]["confusion"]
+        if len(classes) > 2:
+            assert list(evaluation["test"]["per_class"]) == classes
+            assert list(confusion) == classes
+        trained = json.loads(paths.metrics("train").read_text())[RUN_ID_KEY]
+
+        rows_out = [json.loads(line) for line in spamlora(
+            ws, "predict", "--format", "jsonl", *MESSAGES).splitlines()]
+        assert [set(r) for r in rows_out] == [
+            {"text", "label", *(f"{c}_probability" for c in classes)}] * 2
+        assert all(r["label"] in classes for r in rows_out)
+
+        with serving(ws, f"runs:/{trained}/model") as url:
+            request = urllib.request.Request(
+                url + "/invocations", data=json.dumps({"inputs": MESSAGES}).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                served = json.loads(r.read())["predictions"]
+        for got, by_files in zip(served, rows_out, strict=True):
+            assert got["label"] == by_files["label"]
+            assert got["probabilities"] == pytest.approx(
+                {c: by_files[f"{c}_probability"] for c in classes}, abs=1e-4)
+    finally:  # the module's other tests expect the SMS data's workspace: a new commit
+        # restores it (resetting to `start` under DVC's experiment refs breaks its locks)
+        subprocess.run(["git", "checkout", start, "--", "dvc.yaml", "params.yaml"], cwd=ws,
+                       check=True)
+        subprocess.run(["git", "rm", "-q", "--cached", "--ignore-unmatch", name], cwd=ws,
+                       check=True)
+        (ws / name).unlink(missing_ok=True)
+        subprocess.run(["git", "commit", "-qam", "the SMS data again", "--allow-empty"], cwd=ws,
+                       env=env(ws), check=True)
