@@ -135,6 +135,16 @@ def exp_show(tmp_path):
     ]
 
 
+def test_a_row_run_or_queued_is_taken_a_failed_one_is_not(tmp_path):
+    shown = exp_show(tmp_path)
+    shown[1]["experiments"][2]["executor"] = {"state": "failed"}  # book-row-04-all
+    shown[1]["experiments"][3]["executor"] = {"state": "queued"}  # book-row-05-gpt2-medium
+    for experiment in shown[1]["experiments"]:
+        experiment["name"] = experiment["revs"][0]["name"]
+    assert book.taken(shown) == {"book-row-08-random-all", "book-row-01-last-block",
+                                 "book-row-05-gpt2-medium", "exp-rank-4"}
+
+
 def test_the_report_has_each_row_run_beside_the_books(tmp_path):
     df = book.results(exp_show(tmp_path))
     assert df["experiment"].tolist() == ["book-row-01-last-block", "book-row-08-random-all"]
@@ -269,8 +279,10 @@ def test_two_rows_queued_run_and_reported_each_as_its_own_mlflow_run(tmp_path):
     assert by_name["book-row-08-random-all"].data.params["model.weights"] == "random"
     assert by_name["book-row-01-last-block"].data.params["train.trainable"] == "last_block"
 
-    # Queued again, DVC would refuse the name only after the training: refused first.
-    again = spamlora("experiments", "queue", "1")
+    # A row run already is refused before any of those asked for is queued.
+    again = spamlora("experiments", "queue", "2", "1")
     assert again.returncode == 1
-    assert ("experiment(s) book-row-01-last-block exist already on this commit: `dvc exp "
-            "remove book-row-01-last-block` to run them again") in again.stderr
+    assert ("experiment(s) book-row-01-last-block exist already on this commit (run, "
+            "running or queued): `dvc exp remove book-row-01-last-block` to run them "
+            "again") in again.stderr
+    assert "book-row-02" not in dvc(ws, "queue", "status")

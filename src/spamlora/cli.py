@@ -137,12 +137,12 @@ def _experiments(args: argparse.Namespace) -> None:
             print(f"row {row.number}, needs {row.needs}:\n"
                   f"  {shlex.join(book.queue_command(row, overrides))}")
         return
-    # DVC would refuse a taken name only once the experiment has run, when it collects it.
-    taken = set(_dvc("exp", "list", "--names-only").split()) & {row.name for row in rows}
+    # Every row checked before any is queued: none queued if one cannot be.
+    taken = sorted(book.taken(_exp_show(False)) & {row.name for row in rows})
     if taken:
-        raise UsageError(f"experiment(s) {', '.join(sorted(taken))} exist already on this "
-                         f"commit: `dvc exp remove {' '.join(sorted(taken))}` to run them "
-                         f"again")
+        raise UsageError(f"experiment(s) {', '.join(taken)} exist already on this commit "
+                         f"(run, running or queued): `dvc exp remove {' '.join(taken)}` to "
+                         f"run them again")
     for row in rows:
         _dvc(*book.queue_command(row, overrides)[1:])
         print(f"queued {row.name} (needs {row.needs})")

@@ -234,6 +234,17 @@ def queue_command(row: Row, overrides: dict[str, str]) -> list[str]:
             *[arg for k, v in flags.items() for arg in ("-S", f"{k}={v}")]]
 
 
+def taken(exp_show: list[dict]) -> set[str]:
+    """The names of `dvc exp show --json`'s experiments, but for failed ones (which leave
+    no ref). DVC refuses a finished one's name when it is queued again, but a queued or
+    running one's only when the second has trained and is collected."""
+    return {experiment["name"]
+            for entry in exp_show if entry.get("rev") != "workspace"
+            for experiment in entry.get("experiments") or []
+            if experiment.get("name")
+            and (experiment.get("executor") or {}).get("state") != "failed"}
+
+
 def _param(params: dict, dotted: str) -> object:
     section, key = dotted.split(".")
     return (params.get(section) or {}).get(key)
