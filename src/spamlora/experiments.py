@@ -50,7 +50,8 @@ LAST_POSITION = ("`last` is each message's last real token; the book's script at
 
 @dataclass(frozen=True)
 class Published:
-    """One row of the book's table, as printed."""
+    """One row of the book's table, as printed (row 12's context: its command runs
+    batch 1 with 8 steps accumulated; row 9's: rank 16, alpha 8)."""
     model: str
     weights: str
     token: str
@@ -132,7 +133,7 @@ ROWS: tuple[Row, ...] = (
         "the base is initialised as the book's GPTModel initialises itself, PyTorch's "
         "defaults after torch.manual_seed(train.seed); that the draws match the book's "
         "one for one is not checked"),
-    Row(9, "lora-r16", _published(trainable="LoRA (rank 16, alpha 8)", train=.9952,
+    Row(9, "lora-r16", _published(trainable="LoRA", train=.9952,
                                   validation=.9799, test=.9767, minutes=.75),
         {**PADDED, "train.trainable": "lora", "lora.rank": 16, "lora.alpha": 128.0,
          "lora.init": "textbook", "lora.dropout": 0.0,
@@ -148,13 +149,13 @@ ROWS: tuple[Row, ...] = (
         "change (causal attention): expect row 1's accuracy at the cost of 1024-token "
         "rows. The book's drop comes from reading position 1024, padding for every "
         "message"),
-    Row(11, "no-padding-batch-1", _published(context="no padding (batch size 1)",
+    Row(11, "no-padding-batch-1", _published(context="variable: no padding (batch size 1)",
                                              train=1.0, validation=.9866, test=.98,
                                              minutes=1.75),
         {**UNPADDED, "train.batch_size": 1},
         "none: without padding the book's last position is the last real token too"),
     Row(12, "no-padding-accumulate-8", _published(
-            context="no padding (batch size 1, 8 steps accumulated)", train=.9933,
+            context="variable: no padding (batch size 8)", train=.9933,
             validation=.9866, test=.9833, minutes=1.70),
         UNPADDED,
         "gradient accumulation is no param here; a packed batch of 8 scores every "
@@ -323,24 +324,28 @@ def markdown(df: pd.DataFrame) -> str:
         f"Every row runs with `{common}` (the book's settings for every row) and the "
         f"flags in its line. A flag an experiment ran with another value is shown in bold "
         f"(e.g. `EXTRA=\"-S train.epochs=1\"`): its figures are not the row's.", "",
-        "| row | experiment | flags | train | book | validation | book | test | book "
-        "| test_unseen | seconds | book | hardware |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| row | the book's row | experiment | flags | train | book | validation | book "
+        "| test | book | test_unseen | seconds | book | hardware |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     ran = set(df["row"])
     for row in ROWS:
         book = row.book
+        described = ", ".join((book.model, book.weights, book.token, book.trainable,
+                               book.context))
         book_cells = (_percent(book.train), _percent(book.validation),
                       _percent(book.test), _seconds(book.minutes * 60))
         mine = df[df["row"] == row.number]
         if mine.empty:
-            lines.append(f"| {row.number} | {row.name} (not run) | {_flags(row.flags)} "
+            lines.append(f"| {row.number} | {described} | {row.name} (not run) "
+                         f"| {_flags(row.flags)} "
                          f"| – | {book_cells[0]} | – | {book_cells[1]} | – | {book_cells[2]} "
                          f"| – | – | {book_cells[3]} | |")
         for r in mine.itertuples():
             changed = f" **{r.overridden}**" if r.overridden else ""
             lines.append(
-                f"| {row.number} | {r.experiment} | {_flags(row.flags)}{changed} "
+                f"| {row.number} | {described} | {r.experiment} "
+                f"| {_flags(row.flags)}{changed} "
                 f"| {_percent(r.train_accuracy)} | {book_cells[0]} "
                 f"| {_percent(r.validation_accuracy)} | {book_cells[1]} "
                 f"| {_percent(r.test_accuracy)} | {book_cells[2]} "
