@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import time
 
 import mlflow
 import pandas as pd
@@ -102,7 +101,6 @@ def main(params: Params) -> None:
                 **{f"parameters.{k}": v for k, v in counts.as_dict().items()}})
 
         steps = tracking.StepLog(run_id) if main_process else None
-        start = time.perf_counter()
         history = train_classifier(
             model, train_ids, train_df["label"].to_numpy(), val_ids,
             val_df["label"].to_numpy(), tp, tokenizer.pad_id, max_length, device, dtype,
@@ -113,7 +111,7 @@ def main(params: Params) -> None:
         if main_process:
             with tracking.unanswered_is_resumable():  # the checkpoint is kept
                 steps.sync(history, final=True)
-                mlflow.log_metric("train_seconds", time.perf_counter() - start)
+                mlflow.log_metric("train_seconds", history.seconds)
                 save_adapter(model, spec, paths.adapter)
                 # MLflow's check of the input example scores it with this model, in
                 # memory. One that reads no base weights (every weight trained, or a random
@@ -132,7 +130,8 @@ def main(params: Params) -> None:
             write_json(paths.metrics("train"), {
                 "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
                 "val_loss": last.val_loss, "val_accuracy": last.val_accuracy,
-                "examples_seen": last.examples_seen, "parameters": counts.as_dict(),
+                "examples_seen": last.examples_seen, "train_seconds": history.seconds,
+                "parameters": counts.as_dict(),
                 "run": run_facts(device, dtype), tracking.RUN_ID_KEY: run_id})
             checkpoints.remove()
     distributed.shutdown()

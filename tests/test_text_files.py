@@ -99,6 +99,23 @@ def test_the_sweep_report_is_utf8_with_lf_on_windows(windows_text_io, tmp_path):
     assert "exp-é" in (tmp_path / "experiments.csv").read_text(encoding="utf-8")
 
 
+def test_the_book_experiments_report_is_utf8_with_lf_on_windows(windows_text_io, tmp_path):
+    from spamlora import experiments as book
+
+    row = book.BY_NUMBER[8]
+    df = pd.DataFrame([{"row": 8, "experiment": row.name, "rev": "abc", "overridden": "",
+                        "train_accuracy": 1.0, "validation_accuracy": 0.9,
+                        "test_accuracy": 0.9, "test_unseen_accuracy": 0.89,
+                        "train_seconds": 40.0, "hardware": "x86_64 AVX2",
+                        "book_train_accuracy": 1.0, "book_validation_accuracy": 0.9664,
+                        "book_test_accuracy": 0.9367, "book_train_seconds": 41.4}],
+                      columns=book.COLUMNS)
+    book.write_report(df, tmp_path)
+    written = (tmp_path / "table.md").read_bytes()
+    assert b"\r" not in written and written.count(b"\n") > 20
+    assert "| – |" in written.decode("utf-8")  # the rows not run, as written
+
+
 def test_mlflow_text_artifacts_are_utf8_with_lf_on_windows(windows_text_io, monkeypatch):
     """`mlflow.log_text` writes in text mode ("\\r\\n" on Windows); `tracking.log_text`
     hands MLflow a file written as UTF-8 with "\\n"."""

@@ -149,6 +149,34 @@ def test_an_interrupted_training_resumes_bit_exactly(tiny_gpt2, tmp_path, dtype,
         tmp_path / "straight.safetensors").read_bytes()
 
 
+def test_a_resumed_training_counts_the_seconds_of_every_process(tiny_gpt2, tmp_path,
+                                                                monkeypatch):
+    """train_seconds (metrics/train.json, MLflow) is what the training cost: the part
+    before a stop, kept in the checkpoint, plus the part after it. A clock that says
+    10 s pass in the first process and 5 s in the second."""
+    import types
+
+    from spamlora import train as train_module
+
+    def clock(elapsed: float):
+        readings = iter([0.0])  # `began`, then every later reading
+        return types.SimpleNamespace(monotonic=train_module.time.monotonic,
+                                     perf_counter=lambda: next(readings, elapsed))
+
+    params = dataclasses.replace(PARAMS, epochs=2)
+    checkpoints = Checkpoints(tmp_path, "k")
+    monkeypatch.setattr(train_module, "time", clock(10.0))
+    with pytest.raises(Interrupted):
+        run(tiny_gpt2, params, resumable=Resumable(checkpoints, 3600.0,
+                                                   should_stop=lambda: True))
+    monkeypatch.setattr(train_module, "time", clock(5.0))
+    resumed, _ = run(tiny_gpt2, params, resumable=Resumable(checkpoints, 3600.0))
+    assert resumed.seconds == 15.0
+    monkeypatch.setattr(train_module, "time", clock(5.0))
+    straight, _ = run(tiny_gpt2, params)
+    assert straight.seconds == 5.0 and straight == resumed  # seconds are not compared
+
+
 def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gpt2, capsys,
                                                                          monkeypatch):
     """dvc queue logs, CI and redirected runs saw nothing for the whole training (issue

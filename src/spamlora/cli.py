@@ -1,5 +1,5 @@
 """The `spamlora` command: summary, predict, promote, download-model, checkpoints,
-sweep-report."""
+sweep-report, experiments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import os
+import shlex
 import stat
 import sys
 from collections.abc import Iterable, Iterator
@@ -94,19 +95,57 @@ def _checkpoints(args: argparse.Namespace) -> None:
           f"touched")
 
 
-def _sweep_report(args: argparse.Namespace) -> None:
+def _dvc(*args: str) -> str:
+    """What a `dvc` command printed; its error, when it failed."""
     import subprocess
 
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def _exp_show(all_commits: bool) -> list[dict]:
+    return json.loads(_dvc("exp", "show", "--json",
+                           *(["--all-commits"] if all_commits else [])))
+
+
+def _sweep_report(args: argparse.Namespace) -> None:
     from .sweep import experiments, markdown, write_report
 
-    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UsageError(f"`dvc exp show --json` failed: {proc.stderr.strip()[-500:]}")
-    df = experiments(json.loads(proc.stdout))
+    df = experiments(_exp_show(args.all_commits))
     write_report(df, args.out)
     print(markdown(df))
     print(f"wrote {args.out}/experiments.csv, by_rank.md, accuracy_vs_rank.png")
+
+
+def _experiments(args: argparse.Namespace) -> None:
+    from . import experiments as book
+
+    if args.action == "report":
+        if args.rows or args.set:
+            raise UsageError("report takes no rows or -S: it reports every row run")
+        df = book.results(_exp_show(args.all_commits))
+        book.write_report(df, args.out)
+        print(book.markdown(df))
+        print(f"wrote {args.out}/table.md, experiments.csv, accuracy.png")
+        return
+    rows = book.select(args.rows)
+    overrides = book.parse_overrides(args.set)
+    if args.action == "list":
+        for row in rows:
+            print(f"row {row.number}, needs {row.needs}:\n"
+                  f"  {shlex.join(book.queue_command(row, overrides))}")
+        return
+    # Every row checked before any is queued: none queued if one cannot be.
+    taken = sorted(book.taken(_exp_show(False)) & {row.name for row in rows})
+    if taken:
+        raise UsageError(f"experiment(s) {', '.join(taken)} exist already on this commit "
+                         f"(run, running or queued): `dvc exp remove {' '.join(taken)}` to "
+                         f"run them again")
+    for row in rows:
+        _dvc(*book.queue_command(row, overrides)[1:])
+        print(f"queued {row.name} (needs {row.needs})")
 
 
 CHUNK_MESSAGES = 1024  # scored, then written, at a time: memory bounded by this
@@ -367,6 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-commits", action="store_true",
                    help="experiments of every commit, not only those of HEAD")
     r.set_defaults(func=_sweep_report)
+
+    e = sub.add_parser("experiments", help="the book's chapter 6 experiments: list its "
+                                           "rows as flags, queue them as named DVC "
+                                           "experiments, or report them beside the book's "
+                                           "figures (metrics/experiments/table.md)")
+    e.add_argument("action", choices=["list", "queue", "report"])
+    e.add_argument("rows", nargs="*", type=int, metavar="ROW",
+                   help="list, queue: the book's row numbers (default: every row)")
+    e.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="list, queue: a param for every row, replacing the book's (e.g. "
+                        "-S train.epochs=1 for a quick try); repeatable")
+    e.add_argument("--out", type=Path, default=Paths().metrics_dir / "experiments")
+    e.add_argument("--all-commits", action="store_true",
+                   help="report: experiments of every commit, not only those of HEAD")
+    e.set_defaults(func=_experiments)
 
     p = sub.add_parser("predict", help="classify messages with a trained adapter: the "
                                        "label, and with --format jsonl/csv each class's "

@@ -1,10 +1,12 @@
 """Compare the experiments of a sweep (e.g. `make sweep`: LoRA rank x seed) from
 `dvc exp show --json`: one table and one plot of test accuracy and trainable parameters
-against rank."""
+against rank. `finished` is the one reading of `dvc exp show --json` (the book's
+experiments report reads it too)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,37 +17,57 @@ from .fileio import write_text
 COLUMNS = ["experiment", "rev", "rank", "seed", "test_accuracy", "test_f1", "trainable"]
 
 
-def experiments(exp_show: list[dict]) -> pd.DataFrame:
-    """One row per finished experiment with metrics, and per baseline commit whose
+@dataclass(frozen=True)
+class Finished:
+    """One finished experiment (or baseline commit) of `dvc exp show --json`."""
+    name: str
+    rev: str
+    params: dict  # params.yaml as that experiment ran it
+    metrics: dict  # metrics file -> its data, e.g. metrics["metrics/eval.json"]["test"]
+
+
+def finished(exp_show: list[dict]) -> list[Finished]:
+    """Every finished experiment with test metrics, then every baseline commit whose
     params no experiment repeats (a sweep that queues the baseline's own settings, e.g.
-    rank 8 / seed 123, would otherwise count that configuration twice)."""
-    rows, seen, configs = [], set(), set()
+    rank 8 / seed 123, would otherwise count that configuration twice). Queued, running
+    and failed ones are left out; so is the workspace, which holds the same results as
+    one of the experiments or the baseline."""
+    found, seen, configs = [], set(), set()
 
     def add(rev: dict, baseline: bool) -> None:
         data = rev.get("data") or {}
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-        metrics = data.get("metrics") or {}
-        test = (metrics.get("metrics/eval.json") or {}).get("data", {}).get("test")
-        train = (metrics.get("metrics/train.json") or {}).get("data", {})
+        metrics = {path: (m or {}).get("data", {})
+                   for path, m in (data.get("metrics") or {}).items()}
         key = data.get("rev") or rev.get("rev")
         config = json.dumps(params, sort_keys=True)
-        if not test or key in seen or rev.get("error") or (baseline and config in configs):
+        if (not metrics.get("metrics/eval.json", {}).get("test") or key in seen
+                or rev.get("error") or (baseline and config in configs)):
             return
         seen.add(key)
         configs.add(config)
-        rows.append({"experiment": rev.get("name") or str(key)[:7], "rev": key,
-                     "rank": params["lora"]["rank"], "seed": params["train"]["seed"],
-                     "test_accuracy": test["accuracy"], "test_f1": test["f1"],
-                     "trainable": train.get("parameters", {}).get("trainable")})
+        found.append(Finished(rev.get("name") or str(key)[:7], key, params, metrics))
 
-    commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]  # workspace:
-    # the same results as one of the experiments or the baseline
+    commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]
     for entry in commits:
         for experiment in entry.get("experiments") or []:
             for rev in experiment.get("revs") or []:
                 add(rev, baseline=False)
     for entry in commits:
         add(entry, baseline=True)
+    return found
+
+
+def experiments(exp_show: list[dict]) -> pd.DataFrame:
+    """One row per finished experiment (`finished`) with its rank, seed and results."""
+    rows = []
+    for f in finished(exp_show):
+        test = f.metrics["metrics/eval.json"]["test"]
+        train = f.metrics.get("metrics/train.json", {})
+        rows.append({"experiment": f.name, "rev": f.rev, "rank": f.params["lora"]["rank"],
+                     "seed": f.params["train"]["seed"], "test_accuracy": test["accuracy"],
+                     "test_f1": test["f1"],
+                     "trainable": train.get("parameters", {}).get("trainable")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -67,11 +67,17 @@ class History:
     step_losses: list[float] = field(default_factory=list)
     step_epochs: list[int] = field(default_factory=list)  # the epoch of each step
     step_examples: list[int] = field(default_factory=list)  # examples seen after it
+    # The loop's wall time, summed over every process that resumed it: a training
+    # stopped and resumed reports what it cost, not its last part's. Its validation
+    # passes are counted, as the book's timings count theirs. Not compared: the same
+    # training is the same history however long it took.
+    seconds: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([EpochRecord(**e) for e in d["epochs"]], d["step_losses"],
-                   d["step_epochs"], d["step_examples"])
+                   d["step_epochs"], d["step_examples"],
+                   d.get("seconds", 0.0))  # checkpoints written before it counted
 
 
 @dataclass
@@ -143,6 +149,10 @@ def train_classifier(
                 print(f"resuming from {state.where}")
     history = History.from_dict(state.history)
     step, seen, last_save = state.step, state.seen, time.monotonic()
+    began, seconds_before = time.perf_counter(), history.seconds
+
+    def clock() -> None:
+        history.seconds = seconds_before + time.perf_counter() - began
 
     def save(epoch: int, batch: int, order_state: torch.Tensor, sums: tuple) -> None:
         """Every process calls it at the same step: each one's generators are gathered
@@ -154,6 +164,7 @@ def train_classifier(
         rng_states = distributed.gather_states(generator_states())
         if rank != 0:
             return
+        clock()
         loop = LoopState(epoch, batch, step, seen, *sums, history=asdict(history))
         if resumable.checkpoints.save(model, optimizer, order_state, loop,
                                       resumable.run_id, rng_states) and resumable.on_saved:
@@ -225,4 +236,5 @@ def train_classifier(
             on_epoch(record)
         # Also after the last: stopped while writing its outputs, the stage resumes here.
         save(epoch + 1, 0, generator.get_state(), (0.0, 0.0, 0))
+    clock()
     return history
