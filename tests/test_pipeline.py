@@ -368,7 +368,9 @@ def own_messages(classes: list[str], per_class: int) -> list[tuple[str, str]]:
             for label in classes for i in range(per_class)]
 
 
-@pytest.mark.parametrize("fmt, classes", [("tsv", ["alpha", "beta", "gamma"]),
+@pytest.mark.parametrize("fmt, classes", [("csv", ["billing", "delivery", "promotion"]),
+                                          ("jsonl", ["later", "urgent"]),
+                                          ("tsv", ["alpha", "beta", "gamma"]),
                                           ("parquet", ["urgent", "later"])])
 def test_own_labelled_file_is_one_experiment_scored_with_its_own_names(
         pipeline, fmt, classes):
@@ -382,9 +384,12 @@ def test_own_labelled_file_is_one_experiment_scored_with_its_own_names(
     name = f"mine.{fmt}"
     try:
         rows = pd.DataFrame(own_messages(classes, 30), columns=["message", "kind"])
-        if fmt == "tsv":  # quoted as pandas writes TSV: fields with a tab in quotes
-            rows.to_csv(ws / name, sep="\t", index=False, lineterminator="\n")
+        if fmt in ("csv", "tsv"):  # quoted as pandas writes them: a tab or quote in quotes
+            rows.to_csv(ws / name, sep="," if fmt == "csv" else "\t", index=False,
+                        lineterminator="\n")
             assert '"' in (ws / name).read_text()
+        elif fmt == "jsonl":
+            rows.to_json(ws / name, orient="records", lines=True)
         else:
             rows.to_parquet(ws / name)
         dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
