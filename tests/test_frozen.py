@@ -125,6 +125,12 @@ def assert_close_runs(a, b, dtype):
         e.val_accuracy for e in history_b.epochs]
     assert set(trained_a) == set(trained_b)
     for name in trained_a:
+        # A key bias adds the same q.b to every score of a query's row, which softmax
+        # ignores: its gradient is float noise that Adam scales up to full steps, other
+        # noise for other summation orders (measured on GPT-2 124M: 6e-5 in fp32, 3e-3
+        # in bf16, where every other weight was within 1e-5 and 2.3e-4).
+        if name.endswith("W_key.bias"):
+            continue
         torch.testing.assert_close(trained_a[name], trained_b[name], atol=atol, rtol=0,
                                    msg=f"trained {name}")
 
