@@ -169,10 +169,17 @@ def test_where_every_block_trains_every_step_is_computed_in_full(three_blocks, t
     assert all(torch.equal(trained[n], trained_again[n]) for n in trained)
 
 
-def test_caches_larger_than_the_bound_are_not_kept(three_blocks, monkeypatch):
+def test_caches_larger_than_the_bound_are_not_kept(three_blocks, monkeypatch, caplog):
     monkeypatch.setattr(frozen, "MAX_CACHE_BYTES", 1000)
     _, _, embedded = train(three_blocks, "last_block", epochs=1)
     assert embedded == FULL_EMBEDDINGS // 2
+    assert "every step computes it again" in caplog.text
+
+
+def test_a_split_without_messages_caches_nothing_but_the_padding_row(three_blocks):
+    model, spec = classifier(three_blocks, "last_block")
+    cache = PrefixCache.build(model, [], 2, spec.pad_id, 4, CPU, torch.float32, True)
+    assert cache.hidden.shape == (1, model.cfg.emb_dim) and len(cache.offsets) == 0
 
 
 @pytest.mark.parametrize("trainable, token, dtype, stop_at", [

@@ -13,6 +13,7 @@ is kept.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from .precision import attention_kernels, autocast
 # ~100 MB; 2 GiB holds ~700k tokens at its width (~23k SMS), yet an own-data split of
 # millions of tokens cannot fill the memory, or a GPU's.
 MAX_CACHE_BYTES = 2 * 1024 ** 3
+
+log = logging.getLogger(__name__)
 
 
 def _fixed(module: nn.Module) -> bool:
@@ -90,6 +93,8 @@ class PrefixCache:
                 rows = torch.cat([torch.arange(offsets[i], offsets[i] + lengths[i])
                                   for i in index])
                 hidden[rows.to(device)] = x[real.to(device)]
+        if hidden is None:  # no message: only the zero row
+            hidden = torch.zeros(1, model.cfg.emb_dim, device=device)
         return cls(block, hidden, offsets[:-1])
 
     @property
@@ -120,8 +125,13 @@ def prefix_caches(model: GPTModel, train_ids: Sequence[Sequence[int]],
     """The training and validation splits' caches, or None where no block is frozen
     or they would take more than MAX_CACHE_BYTES."""
     block = frozen_blocks(model)
-    if block == 0 or cache_bytes(model, train_ids) + cache_bytes(model, val_ids) > \
-            MAX_CACHE_BYTES:
+    if block == 0:
+        return None
+    size = cache_bytes(model, train_ids) + cache_bytes(model, val_ids)
+    if size > MAX_CACHE_BYTES:
+        log.warning("the frozen blocks' output would take %.1f GiB, more than the %.1f "
+                    "GiB kept at most: every step computes it again", size / 2 ** 30,
+                    MAX_CACHE_BYTES / 2 ** 30)
         return None
     return (PrefixCache.build(model, train_ids, block, pad_id, batch_size, device, dtype,
                               training=True),
