@@ -13,7 +13,9 @@ and the table in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import resource
 import shutil
@@ -31,6 +33,7 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 SWEEP_START, SWEEP_END = "<!-- rank-sweep:start -->", "<!-- rank-sweep:end -->"
+MODES_START, MODES_END = "<!-- modes:start -->", "<!-- modes:end -->"
 
 LR, WEIGHT_DECAY, BATCH, RANK, SEED = 8e-4, 0.1, 8, 8, 123
 # Validation accuracy after one epoch depends on the seed by several points: the accuracy
@@ -43,6 +46,10 @@ ACCURACY_CASES = ("spamlora", "spamlora-grouped", "peer-tuned", "spamlora-textbo
 # in five elementwise ops.
 PEER_TUNED_CONFIG = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                      "activation_function": "gelu_pytorch_tanh"}
+# --modes: every `train.trainable` mode at the defaults otherwise. Those whose frozen
+# part is computed once (issue 24, item 7) train two epochs, as the first pays for it.
+MODES = ("lora", "last_block", "last_two_blocks", "last_layer", "all")
+CACHED_MODES = ("last_block", "last_two_blocks", "last_layer")
 # bf16 training must follow the fp32 trajectory this closely: per epoch, absolute, on the
 # train loss, validation loss and validation accuracy.
 BF16_TOLERANCE = 0.02
@@ -103,11 +110,13 @@ def load_split(data_dir: Path, name: str, limit: int | None):
 
 def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int = SEED,
                   grouped: bool = False, init: str | None = None, rank: int = RANK,
-                  padded: bool = False) -> dict:
+                  padded: bool = False, trainable: str = "lora", epochs: int = 1) -> dict:
     """The defaults (packed random batches), or `grouped`: padded batches of similar
     length, the previous default; `padded`: random batches padded to their longest;
     `init`: `lora.init` (None: the pipeline's default); `rank` with alpha fixed at 8, as
-    `dvc exp run -S lora.rank=...` would."""
+    `dvc exp run -S lora.rank=...` would; `trainable`: `train.trainable`. Each epoch's
+    seconds apart, and the frozen part's cache (built inside the first) on its own."""
+    from spamlora import frozen
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
     from spamlora.classifier import build_classifier, count_parameters
@@ -119,9 +128,9 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
 
     start = time.perf_counter()
     train, val = load_split(data_dir, "train", limit), load_split(data_dir, "validation", limit)
-    params = TrainParams(epochs=1, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
+    params = TrainParams(epochs=epochs, batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY,
                          seed=seed, padding="batch" if grouped or padded else "packed",
-                         group_by_length=grouped)
+                         group_by_length=grouped, trainable=trainable)
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
@@ -131,26 +140,47 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
     train_ids, _ = truncate(train_ids, max_length)
     val_ids, _ = encode(tokenizer, val["text"].tolist(), max_length)
     spec = AdapterSpec("gpt2", base.cfg, rank, RANK, max_length=max_length,
-                       pad_id=tokenizer.pad_id, init=init or LoRAParams().init)
+                       pad_id=tokenizer.pad_id, init=init or LoRAParams().init,
+                       trainable=trainable)
     model = build_classifier(base, spec, seed=seed)
     setup = time.perf_counter() - start
     last_step_end = 0.0
+    epoch_ends: list[tuple[float, float]] = []  # (last step's end, validation's end)
+    cache: dict[str, float] = {}
 
     def on_step(step: int, loss: float) -> None:
         nonlocal last_step_end
         last_step_end = time.perf_counter()
 
+    def on_epoch(record) -> None:
+        epoch_ends.append((last_step_end, time.perf_counter()))
+
+    # The training builds its caches itself, before the first step: wrapped to time them.
+    build = frozen.prefix_caches
+
+    def timed_build(*args, **kwargs):
+        t = time.perf_counter()
+        caches = build(*args, **kwargs)
+        cache["seconds"] = time.perf_counter() - t
+        cache["mb"] = sum(c.nbytes for c in caches) / 2 ** 20 if caches else 0.0
+        return caches
+
+    frozen.prefix_caches = timed_build
     t0 = time.perf_counter()
     history = train_classifier(model, train_ids, train["label"].to_numpy(), val_ids,
                                val["label"].to_numpy(), params, tokenizer.pad_id, max_length,
-                               device, dtype, on_step=on_step)
-    total = time.perf_counter() - t0
-    train_seconds = last_step_end - t0
+                               device, dtype, on_step=on_step, on_epoch=on_epoch)
+    starts = [t0] + [end for _, end in epoch_ends[:-1]]
+    epoch_train = [steps - begin for begin, (steps, _) in zip(starts, epoch_ends, strict=True)]
+    epoch_validation = [end - steps for steps, end in epoch_ends]
     return {"precision": str(dtype).removeprefix("torch."), "setup_seconds": setup,
-            "train_seconds": train_seconds, "validation_seconds": total - train_seconds,
+            "train_seconds": epoch_train[0], "validation_seconds": epoch_validation[0],
+            "epochs": epochs, "epoch_train_seconds": epoch_train,
+            "epoch_validation_seconds": epoch_validation,
+            "cache_seconds": cache.get("seconds", 0.0), "cache_mb": cache.get("mb", 0.0),
             "examples": len(train), "final_step_loss": history.step_losses[-1],
             "val_accuracy": history.epochs[-1].val_accuracy,
-            "trainable": count_parameters(model)[0]}
+            "trainable": count_parameters(model)[0], "mode": trainable}
 
 
 def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
@@ -296,10 +326,15 @@ CASES = {
     "spamlora-padded": lambda d, m, n, seed=SEED: case_spamlora(d, m, n, seed, padded=True),
     "spamlora-textbook-init": lambda d, m, n, seed=SEED, rank=RANK: case_spamlora(
         d, m, n, seed, init="textbook", rank=rank),
+    # Opt-in (--cases, or all of them with --modes): each `train.trainable` mode.
+    **{f"spamlora-{mode}": functools.partial(
+        case_spamlora, trainable=mode, epochs=2 if mode in CACHED_MODES else 1)
+       for mode in MODES},
 }
 # --ranks: the defaults (`lora.init: reference`) at each rank, and with the book's init
 RANK_CASES = {"textbook": "spamlora-textbook-init", "reference": "spamlora"}
-DEFAULT_CASES = [c for c in CASES if c not in ("spamlora-padded", "spamlora-textbook-init")]
+DEFAULT_CASES = [c for c in CASES if c not in ("spamlora-padded", "spamlora-textbook-init")
+                 and not c.startswith(tuple(f"spamlora-{mode}" for mode in MODES))]
 
 
 def run_child(case: str, data_dir: Path, model_dir: Path, limit: int | None,
@@ -452,6 +487,66 @@ def rank_sweep(args: argparse.Namespace) -> None:
                           encoding="utf-8", newline="\n")
 
 
+def cpu_description() -> dict:
+    """The CPU's model name and the flags that decide its fp32 and bf16 speed."""
+    text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace") \
+        if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.partition(":")[2].strip() for line in text.splitlines()
+                 if line.startswith("model name")), platform.processor())
+    flags = next((line.partition(":")[2].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return {"cpu": name, "cpu_flags": sorted(f for f in flags
+                                             if f.startswith(("avx", "amx", "fma")))}
+
+
+def modes_run(args: argparse.Namespace) -> None:
+    """Seconds an epoch of each `train.trainable` mode; those that compute their frozen
+    part once, with the first epoch (which builds the cache) and the later ones apart."""
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, model_dir = prepare(Path(tmp), args.size)
+        results = {mode: run_child(f"spamlora-{mode}", data_dir, model_dir, args.limit)
+                   for mode in MODES}
+    lora = results["lora"]
+    lora_epoch = lora["epoch_train_seconds"][0] + lora["epoch_validation_seconds"][0]
+    later = results["last_block"]
+    later_epoch = later["epoch_train_seconds"][-1] + later["epoch_validation_seconds"][-1]
+    report = {**machine(), **cpu_description(), "load_average_before": load,
+              "size": args.size, "limit": args.limit, "results": results,
+              "last_block_later_epoch_speedup_vs_lora": lora_epoch / later_epoch}
+    out = args.out or RESULTS / f"modes-{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")
+    r0 = results["lora"]
+    lines = [MODES_START, "",
+             f"Measured {report['date']} on {report['cpu']} ({report['machine']}; flags "
+             f"{' '.join(report['cpu_flags'])}), torch {report['torch']}, "
+             f"{report['threads']} threads, {r0['precision']}; {r0['examples']:,} "
+             f"training messages, load average {load[0]:.2f} before.", "",
+             "| `train.trainable` | trained | cache s (MB) | epoch 1: train + validation s "
+             "| later epoch: train + validation s | epoch vs `lora` |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for mode, r in results.items():
+        epochs = [t + v for t, v in zip(r["epoch_train_seconds"],
+                                        r["epoch_validation_seconds"], strict=True)]
+        cache = f"{r['cache_seconds']:.1f} ({r['cache_mb']:.1f})" if r["cache_mb"] else "–"
+        later_cell = (f"{r['epoch_train_seconds'][-1]:.1f} + "
+                      f"{r['epoch_validation_seconds'][-1]:.1f}" if len(epochs) > 1 else "–")
+        lines.append(f"| {mode} | {r['trainable']:,} | {cache} | "
+                     f"{r['epoch_train_seconds'][0]:.1f} + "
+                     f"{r['epoch_validation_seconds'][0]:.1f} | {later_cell} | "
+                     f"{lora_epoch / epochs[-1]:.1f}x |")
+    lines += ["", MODES_END]
+    print("\n".join(lines))
+    if args.out is None:
+        text = README.read_text(encoding="utf-8")
+        head, found, rest = text.partition(MODES_START)
+        _, _, tail = rest.partition(MODES_END)
+        README.write_text((head + "\n".join(lines) + tail) if found
+                          else text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n",
+                          encoding="utf-8", newline="\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,6 +560,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+",
                         help="instead: the rank sweep, each rank with both `lora.init`s "
                              "and each of --seeds (alpha fixed at 8)")
+    parser.add_argument("--modes", action="store_true",
+                        help="instead: seconds an epoch of each train.trainable mode")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -482,6 +579,9 @@ def main() -> None:
 
     if args.ranks:
         rank_sweep(args)
+        return
+    if args.modes:
+        modes_run(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, model_dir = prepare(Path(tmp), args.size)

@@ -43,6 +43,33 @@ def test_benchmark_smoke_run(tmp_path):
 
 
 @pytest.mark.e2e
+def test_modes_smoke_run(tmp_path):
+    """--modes: each `train.trainable` mode, two epochs where the frozen part is kept."""
+    if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
+        pytest.skip("the benchmark needs the real SMS data")
+    out = tmp_path / "modes.json"
+    readme = (REPO / "benchmarks" / "README.md").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"),
+                           "--size", "tiny", "--limit", "24", "--modes", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == ["lora", "last_block", "last_two_blocks", "last_layer", "all"]
+    for mode, r in results.items():
+        assert r["mode"] == mode and r["examples"] == 24
+        assert len(r["epoch_train_seconds"]) == r["epochs"] == len(
+            r["epoch_validation_seconds"])
+    # The tiny model has two blocks: `last_two_blocks` leaves none frozen.
+    assert {m: (r["epochs"], r["cache_mb"] > 0) for m, r in results.items()} == {
+        "lora": (1, False), "last_block": (2, True), "last_two_blocks": (2, False),
+        "last_layer": (2, True), "all": (1, False)}
+    assert report["cpu"] and report["last_block_later_epoch_speedup_vs_lora"] > 0
+    assert "| last_block |" in proc.stdout
+    assert (REPO / "benchmarks" / "README.md").read_bytes() == readme  # --out: no edit
+
+
+@pytest.mark.e2e
 def test_serve_load_smoke_run(tmp_path):
     if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
         pytest.skip("the benchmark needs the real SMS data")

@@ -23,8 +23,10 @@ def run(args, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# `last_block` on the two-block model: each process keeps the frozen block's output.
 @pytest.mark.parametrize("mode", [("lora", "last"), ("last_two_blocks", "mean"),
-                                  ("all", "first"), ("lora", "last", "random")])
+                                  ("all", "first"), ("lora", "last", "random"),
+                                  ("last_block", "last")])
 def test_two_gloo_processes_match_one(tmp_path, tiny_gpt2, mode):
     worker = str(REPO / "tests" / "ddp_worker.py")
     run([worker, str(tiny_gpt2), str(tmp_path / "one"), "cpu", *mode], tmp_path)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Packing
+from .model import Entering, Packing
 
 # Training batches are drawn from windows of this many batches sorted by length: similar
 # lengths share a batch, yet the order of batches and their members stays random.
@@ -38,15 +38,19 @@ class Batch:
     lengths: torch.Tensor  # (messages,) tokens per message
     index: torch.Tensor  # (messages,) positions of the messages in the input list
     packing: Packing | None = None  # None: one message a row, right-padded
+    # The hidden states of `ids` entering a block, where the blocks before it are not
+    # to run again (`frozen.PrefixCache.feed`)
+    entering: Entering | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.ids.to(device, non_blocking=True),
                      self.lengths.to(device, non_blocking=True), self.index,
-                     None if self.packing is None else self.packing.to(device))
+                     None if self.packing is None else self.packing.to(device),
+                     None if self.entering is None else self.entering.to(device))
 
     def logits(self, model) -> torch.Tensor:
         """The model's logits for each message, (messages, classes), in `index` order."""
-        return model(self.ids, self.lengths, self.packing)
+        return model(self.ids, self.lengths, self.packing, self.entering)
 
 
 def resolve_max_length(setting: int | str | None, longest: int, context: int) -> int:

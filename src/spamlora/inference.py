@@ -10,6 +10,7 @@ from torch import nn
 
 from . import batching
 from .classifier import freeze
+from .frozen import PrefixCache
 from .lora import merge
 from .model import GPTModel
 from .precision import attention_kernels, autocast, cast_frozen_linears
@@ -37,15 +38,17 @@ def predictions(probs: np.ndarray, positive_index: int | None = 1,
 @torch.inference_mode()
 def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
                    batch_size: int, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """Class logits (n, num_classes) in input order, from length-sorted batches."""
+                   dtype: torch.dtype = torch.float32,
+                   cache: PrefixCache | None = None) -> np.ndarray:
+    """Class logits (n, num_classes) in input order, from length-sorted batches; with
+    `cache` (of `token_ids`), the blocks it holds the output of are not run."""
     was_training = model.training
     model.eval()
     out = np.zeros((len(token_ids), model.out_head.out_features), dtype=np.float32)
     order = batching.inference_order([len(t) for t in token_ids], batch_size)
     with autocast(device, dtype), attention_kernels(device, training=False):
         for batch in batching.batches(token_ids, order, pad_id):
-            b = batch.to(device)
+            b = (batch if cache is None else cache.feed(batch)).to(device)
             out[batch.index.numpy()] = b.logits(model).float().cpu().numpy()
     model.train(was_training)
     return out

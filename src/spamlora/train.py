@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import batching, distributed
+from . import batching, distributed, frozen
 from .checkpoint import Checkpoints, LoopState, generator_states
 from .config import TrainParams
 from .errors import Interrupted
@@ -113,6 +113,7 @@ def train_classifier(
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     resumable: Resumable | None = None,
+    cache_frozen: bool = True,
 ) -> History:
     """Train in place; `on_step(step, loss)` and `on_epoch(record)` report progress.
 
@@ -124,7 +125,12 @@ def train_classifier(
     continues from it exactly (same batches, generator states and sums); a checkpoint
     is written at the end of every epoch and every `resumable.seconds` (rank 0), and
     when `should_stop()` turns true in any process, all stop after that step, with a
-    checkpoint, raising `Interrupted`."""
+    checkpoint, raising `Interrupted`.
+
+    Where the embeddings and the first blocks are frozen (`frozen.frozen_blocks`), the
+    hidden states entering the first trained block are computed once for each message
+    of both splits and steps run the blocks after them only; `cache_frozen=False`
+    computes every step in full (the reference the cached steps are tested against)."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
     cast_frozen_linears(model.to(device), dtype).store_qkv_together()
@@ -148,6 +154,15 @@ def train_classifier(
             if rank == 0:
                 print(f"resuming from {state.where}")
     history = History.from_dict(state.history)
+    # Built after any restore, from weights no checkpoint holds: a resumed training
+    # rebuilds the very values an uninterrupted one computed.
+    caches = frozen.prefix_caches(model, train_ids, val_ids, pad_id, EVAL_BATCH_SIZE,
+                                  device, dtype) if cache_frozen else None
+    train_cache, val_cache = caches or (None, None)
+    if caches and rank == 0:
+        print(f"the embeddings and first {train_cache.block} blocks are frozen: their "
+              f"output is computed once ({(train_cache.nbytes + val_cache.nbytes) / 2**20:.1f}"
+              f" MB kept)", flush=True)
     step, seen, last_save = state.step, state.seen, time.monotonic()
     began, seconds_before = time.perf_counter(), history.seconds
 
@@ -192,7 +207,7 @@ def train_classifier(
             else:
                 batch = batching.collate(train_ids, rows, pad_id, pad_to,
                                          batching.PAD_MULTIPLE, max_length)
-            batch = batch.to(device)
+            batch = (batch if train_cache is None else train_cache.feed(batch)).to(device)
             labels = labels_all[batch.index].to(device)
             with autocast(device, dtype), attention_kernels(device, training=True):
                 logits = batch.logits(net)
@@ -224,7 +239,8 @@ def train_classifier(
                 raise Interrupted(f"training stopped at {epoch=}, {step=}; rerun to resume")
             if dues:
                 save(epoch, batch_number, order_state, (loss_sum, correct, count))
-        val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype)
+        val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype,
+                                    val_cache)
         val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
         record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
         history.epochs.append(record)
