@@ -125,7 +125,9 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
         if part == "other":
             other[e.name] += e.self_cpu_time_total / 1e6
         dims = gemm_dims(e)
-        if dims is not None:
+        # Under autocast a GEMM is recorded twice, the cast-dispatching call around the
+        # kernel's: count the work once, at the innermost.
+        if dims is not None and not any(c.name in GEMMS for c in e.cpu_children):
             n = 2.0 * dims[0] * dims[1] * dims[2] * dims[3]
             flops[part] += n
             first = GEMMS[e.name]
