@@ -11,6 +11,7 @@ from spamlora.data import Classes, read_labelled_csv, seen_in, write_csv
 from spamlora.evaluate import (
     classification_metrics,
     flat_metrics,
+    headline_f1,
     micro_average,
     precision_recall_curve,
     roc_curve,
@@ -79,13 +80,9 @@ def main(params: Params) -> None:
         mlflow.log_artifact(str(paths.test_predictions))
         test, fresh = results["test"], results["test_unseen"]
         f1 = "F1" if positive is not None else "macro F1"
-        print(f"test accuracy {test['accuracy']:.4f}, {f1} {_f1(test):.4f}, "
+        print(f"test accuracy {test['accuracy']:.4f}, {f1} {headline_f1(test):.4f}, "
               f"ROC AUC {test['roc_auc']}; on the {fresh['examples']} test messages not in "
-              f"train: accuracy {fresh['accuracy']:.4f}, {f1} {_f1(fresh):.4f}")
-
-
-def _f1(metrics: dict) -> float:
-    return metrics["f1"] if "f1" in metrics else metrics["macro"]["f1"]
+              f"train: accuracy {fresh['accuracy']:.4f}, {f1} {headline_f1(fresh):.4f}")
 
 
 if __name__ == "__main__":

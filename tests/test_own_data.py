@@ -459,6 +459,8 @@ def test_a_file_changed_after_download_data_is_not_read(workspace):
                        r"'parquet'\], got 'xlsx'"),
     ("classes", ["a"], r"data\.classes must list two or more classes"),
     ("classes", ["a", "a"], r"data\.classes names \['a'\] more than once"),
+    ("classes", ["a.b", "a_b", "c"], r"data\.classes names \['a\.b', 'a_b'\] make the same "
+                                     r"metric name \['a_b'\]: rename one"),
     ("classes", ["rows", "b"], r"data\.classes may not use the names \['rows'\]"),
     ("positive", "c", r"data\.positive must be one of data\.classes \['a', 'b'\] or null"),
     ("balance", "oversample", r"data\.balance must be one of \['undersample', 'none'\]"),

@@ -47,3 +47,24 @@ def test_a_sweep_that_repeats_the_baselines_settings_counts_them_once():
     df = experiments(repeated)
     assert df["experiment"].tolist() == ["exp-a", "exp-b", "exp-8"]  # not "main" too
     assert by_rank(df).set_index("rank").loc[8, "runs"] == 1
+
+
+def test_other_modes_and_the_books_rows_are_not_rank_points_and_n_classes_read_macro_f1():
+    """A `make experiments` row or a non-LoRA mode on the same commit is not a point of
+    the rank sweep; an experiment of three classes reports its macro F1."""
+    def with_train(entry, **train):
+        entry["data"]["params"]["params.yaml"]["data"]["train"].update(train)
+        return entry
+
+    three = rev("exp-n", "ggg", 4, 123, 0.7, 400)
+    three["data"]["metrics"]["metrics/eval.json"]["data"]["test"] = {
+        "accuracy": 0.7, "macro": {"f1": 0.65}}
+    shown = [{**EXP_SHOW[1], "experiments": [
+        {"revs": [rev("exp-a", "bbb", 2, 123, 0.8, 200)]},
+        {"revs": [with_train(rev("exp-block", "hhh", 8, 123, 0.95, 7_000_000),
+                             trainable="last_block")]},
+        {"revs": [rev("book-row-09-lora", "iii", 16, 123, 0.97, 2_000_000)]},
+        {"revs": [three]}]}]
+    df = experiments(shown)
+    assert df["experiment"].tolist() == ["exp-a", "exp-n", "main"]
+    assert df.set_index("experiment").loc["exp-n", "test_f1"] == 0.65

@@ -8,6 +8,7 @@ file and the dotted parameter, e.g. ``params.yaml: train.lr must be > 0, got -1`
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,12 +243,23 @@ def load_params(path: str | Path) -> Params:
     return Params.from_dict(raw, source=str(path))
 
 
+def metric_name(name: str) -> str:
+    """A key (a class name) as it is put in a metric name (letters, digits, `_`, `-`,
+    space; dots would read as nesting): anything else becomes `_`."""
+    return re.sub(r"[^\w\- ]", "_", name).strip() or "_"
+
+
 def check_class_names(classes: list[str], err) -> None:
     """Rules for a list of class names, from params.yaml or found in the data."""
     err(len(classes) >= 2, f"must list two or more classes, got {classes}")
     err(all(c != "" for c in classes), f"must not hold an empty name, got {classes}")
     twice = sorted({c for c in classes if classes.count(c) > 1})
     err(not twice, f"names {twice} more than once")
+    # Two names that make one metric name would log into one MLflow metric.
+    same = sorted({c for c in classes if c not in twice and sum(
+        metric_name(o) == metric_name(c) for o in classes) > 1})
+    err(not same, f"names {same} make the same metric name "
+                  f"{sorted({metric_name(c) for c in same})}: rename one of each")
     reserved = [c for c in classes if c in RESERVED_CLASS_NAMES or c.endswith("_in_train")]
     err(not reserved, f"may not use the names {reserved} (metrics/data.json's own keys)")
 

@@ -106,3 +106,8 @@ def flat_metrics(tree: dict, prefix: str) -> dict[str, float]:
         elif isinstance(value, float):
             out[name] = value
     return out
+
+
+def headline_f1(split_metrics: dict) -> float:
+    """A split's F1 in eval.json: the positive class's of two, the macro average of more."""
+    return split_metrics["f1"] if "f1" in split_metrics else split_metrics["macro"]["f1"]

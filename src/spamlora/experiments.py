@@ -13,7 +13,7 @@ import pandas as pd
 
 from .config import Params
 from .errors import SpamloraError
-from .sweep import finished
+from .sweep import BOOK_ROW_PREFIX, finished
 
 REPO = "rasbt/LLMs-from-scratch"
 COMMIT = "00a466f0b949139f3076d50d59a2fc3efd516135"
@@ -75,7 +75,7 @@ class Row:
     @property
     def name(self) -> str:
         """The DVC experiment's name, and so its MLflow run's."""
-        return f"book-row-{self.number:02d}-{self.slug}"
+        return f"{BOOK_ROW_PREFIX}{self.number:02d}-{self.slug}"
 
     def all_flags(self) -> dict[str, object]:
         return {**COMMON, **self.flags}
@@ -374,7 +374,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
     from .plots import plt, save_figure
 
-    labels = [f"{r.row}: {r.experiment.removeprefix('book-row-')[3:]}" for r in
+    labels = [f"{r.row}: {r.experiment.removeprefix(BOOK_ROW_PREFIX)[3:]}" for r in
               df.itertuples()]
     y = list(range(len(df)))
     fig, (acc, secs) = plt.subplots(1, 2, figsize=(12, 2 + 0.6 * len(df)), sharey=True)

@@ -58,15 +58,27 @@ def finished(exp_show: list[dict]) -> list[Finished]:
     return found
 
 
+# The names of `make experiments`' runs of the book's rows (experiments.py): their
+# settings are the book's, not a point of the rank sweep.
+BOOK_ROW_PREFIX = "book-row-"
+
+
 def experiments(exp_show: list[dict]) -> pd.DataFrame:
-    """One row per finished experiment (`finished`) with its rank, seed and results."""
+    """One row per finished LoRA experiment (`finished`) with its rank, seed and
+    results; other `train.trainable` modes and the book's rows are not rank-sweep
+    points."""
+    from .evaluate import headline_f1
+
     rows = []
     for f in finished(exp_show):
+        if (f.params["train"].get("trainable", "lora") != "lora"
+                or f.name.startswith(BOOK_ROW_PREFIX)):
+            continue
         test = f.metrics["metrics/eval.json"]["test"]
         train = f.metrics.get("metrics/train.json", {})
         rows.append({"experiment": f.name, "rev": f.rev, "rank": f.params["lora"]["rank"],
                      "seed": f.params["train"]["seed"], "test_accuracy": test["accuracy"],
-                     "test_f1": test["f1"],
+                     "test_f1": headline_f1(test),
                      "trainable": train.get("parameters", {}).get("trainable")})
     return pd.DataFrame(rows, columns=COLUMNS)
 

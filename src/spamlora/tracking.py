@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import socket
 import subprocess
 import time
@@ -34,7 +33,7 @@ from urllib.parse import urlparse
 
 from filelock import FileLock
 
-from .config import DataParams
+from .config import DataParams, metric_name
 from .errors import Interrupted, SpamloraError
 from .fileio import read_json
 from .paths import SPLITS, Paths
@@ -495,12 +494,6 @@ def continue_or_create_run(stage: str, upstream_file: Path, params: dict[str, ob
     print(f"{stage}: the upstream stages were not run now; MLflow run {run_id} names the "
           f"training run {training} it reuses")
     return run_id
-
-
-def metric_name(name: str) -> str:
-    """A key (a class name) as MLflow accepts it in a metric name (letters, digits, `_`,
-    `-`, space; dots would read as nesting): anything else becomes `_`."""
-    return re.sub(r"[^\w\- ]", "_", name).strip() or "_"
 
 
 def _numeric_metrics(tree: object, prefix: str = "") -> dict[str, float]:
