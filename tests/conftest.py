@@ -119,6 +119,22 @@ def make_hf_gpt2(folder: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: in
     return folder
 
 
+def cpu_build() -> tuple[str, str, str]:
+    """What fp32 results depend on bit for bit: torch's build, ATen's CPU capability and
+    the CPU's vendor (MKL and oneDNN take other code paths on AMD and Intel)."""
+    import platform
+
+    import torch
+
+    vendor = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return torch.__version__, torch.backends.cpu.get_cpu_capability(), vendor
+
+
 HOUR_NS = 3600 * 10**9
 
 

@@ -26,7 +26,7 @@ from spamlora.errors import SpamloraError
 from spamlora.formats import FormatError, read_labelled_file
 from spamlora.paths import SPLITS, Paths
 
-from .conftest import REPO, SMS_ZIP
+from .conftest import REPO, SMS_ZIP, cpu_build
 
 FIXTURE = REPO / "tests" / "fixtures" / "own_data" / "messages.csv"
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -244,6 +244,62 @@ def test_default_data_gives_the_same_bytes_as_before(workspace, dedupe):
         assert out["data"]["test"]["in_train"] == 39
         assert out["data"]["test"]["spam_in_train"] == 36
         assert out["balance"]["parsed"] == {"rows": 5574, "ham": 4827, "spam": 747}
+
+
+# metrics/eval.json of the default data as the code before other formats (f27380f) wrote
+# it: train, evaluate (fp32, one thread, one epoch) on the tiny GPT-2 of `tiny_gpt2`.
+EVAL_JSON_BEFORE = REPO / "tests" / "fixtures" / "default_eval.json"
+EVAL_JSON_BUILD = ("2.13.0+cpu", "AVX512", "AuthenticAMD")  # where it was written
+
+
+def _close(got, want, where=""):
+    """Equal trees up to what another CPU's float rounding moves: a few messages'
+    predictions (confusion counts within 3, rates within 0.01); keys in the same order."""
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            _close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=0.01), where
+    elif isinstance(want, int) and not where.endswith("examples"):
+        assert abs(got - want) <= 3, where
+    else:
+        assert got == want, where
+
+
+def test_default_data_evaluates_as_before(workspace, tiny_gpt2, monkeypatch):
+    import re
+
+    import torch
+
+    if not SMS_ZIP.is_file():
+        pytest.skip(f"{SMS_ZIP} not present (real dataset; see ../shared/data/README.md)")
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    shutil.copytree(tiny_gpt2, Paths().base_model)
+    raw = copy.deepcopy(RAW)
+    raw["data"]["url"] = str(SMS_ZIP)
+    raw["train"].update(epochs=1, precision="fp32")
+    raw["evaluate"]["precision"] = "fp32"
+    p = Params.from_dict(raw, source="params.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("download_data", "balance", "split", "train", "evaluate"):
+            stage(name)(p)
+    finally:
+        torch.set_num_threads(threads)
+    got = re.sub(r'"mlflow_run_id": "[0-9a-f]{32}"', '"mlflow_run_id": "<the run>"',
+                 Paths().metrics("eval").read_text(encoding="utf-8"))
+    want = EVAL_JSON_BEFORE.read_text(encoding="utf-8")
+    if cpu_build() == EVAL_JSON_BUILD:
+        assert got == want
+    else:
+        got_tree, want_tree = json.loads(got), json.loads(want)
+        for tree in (got_tree, want_tree):
+            tree["run"].pop("hardware")
+        _close(got_tree, want_tree)
 
 
 # --- readers and the library ------------------------------------------------------------
