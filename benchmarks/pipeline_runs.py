@@ -38,8 +38,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_speed import (README, REPO, RESULTS, SHARED, cpu_description,  # noqa: E402
-                         machine)
+from train_speed import README, REPO, RESULTS, SHARED, cpu_description, machine  # noqa: E402
 
 ROW8_START, ROW8_END = "<!-- book-row-8:start -->", "<!-- book-row-8:end -->"
 STAGE_START, STAGE_END = "<!-- train-stage:start -->", "<!-- train-stage:end -->"

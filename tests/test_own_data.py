@@ -248,21 +248,24 @@ def test_default_data_gives_the_same_bytes_as_before(workspace, dedupe):
 
 # metrics/eval.json of the default data as the code before other formats (f27380f) wrote
 # it: train, evaluate (fp32, one thread, one epoch) on the tiny GPT-2 of `tiny_gpt2`.
+# Byte for byte the same until attention ran in tiles (issue 27), which moved the losses
+# in their 9th digit; every count and rate stayed.
 EVAL_JSON_BEFORE = REPO / "tests" / "fixtures" / "default_eval.json"
 EVAL_JSON_BUILD = ("2.13.0+cpu", "AVX512", "AuthenticAMD")  # where it was written
 
 
-def _close(got, want, where=""):
-    """Equal trees up to what another CPU's float rounding moves: a few messages'
-    predictions (confusion counts within 3, rates within 0.01); keys in the same order."""
+def _close(got, want, counts: int, rates: float, where=""):
+    """Equal trees, keys in the same order, up to float rounding: counts within
+    `counts`, float values within `rates` (another CPU's rounding can move a few
+    predictions across the threshold)."""
     if isinstance(want, dict):
         assert list(got) == list(want), where
         for key in want:
-            _close(got[key], want[key], f"{where}.{key}")
+            _close(got[key], want[key], counts, rates, f"{where}.{key}")
     elif isinstance(want, float):
-        assert got == pytest.approx(want, abs=0.01), where
+        assert got == pytest.approx(want, abs=rates), where
     elif isinstance(want, int) and not where.endswith("examples"):
-        assert abs(got - want) <= 3, where
+        assert abs(got - want) <= counts, where
     else:
         assert got == want, where
 
@@ -290,16 +293,16 @@ def test_default_data_evaluates_as_before(workspace, tiny_gpt2, monkeypatch):
             stage(name)(p)
     finally:
         torch.set_num_threads(threads)
-    got = re.sub(r'"mlflow_run_id": "[0-9a-f]{32}"', '"mlflow_run_id": "<the run>"',
-                 Paths().metrics("eval").read_text(encoding="utf-8"))
-    want = EVAL_JSON_BEFORE.read_text(encoding="utf-8")
+    got = json.loads(Paths().metrics("eval").read_text(encoding="utf-8"))
+    want = json.loads(EVAL_JSON_BEFORE.read_text(encoding="utf-8"))
+    assert re.fullmatch(r"[0-9a-f]{32}", got["mlflow_run_id"])
+    got["mlflow_run_id"] = want["mlflow_run_id"]
     if cpu_build() == EVAL_JSON_BUILD:
-        assert got == want
+        _close(got, want, counts=0, rates=1e-6)
     else:
-        got_tree, want_tree = json.loads(got), json.loads(want)
-        for tree in (got_tree, want_tree):
+        for tree in (got, want):
             tree["run"].pop("hardware")
-        _close(got_tree, want_tree)
+        _close(got, want, counts=3, rates=0.01)
 
 
 # --- readers and the library ------------------------------------------------------------

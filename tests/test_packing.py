@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spamlora import batching
+from spamlora import model as model_module
 from spamlora.adapter import AdapterSpec
 from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
@@ -54,8 +55,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("tile", [0, 40, 100_000])  # a message a tile, some, a row a tile
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_logits_and_gradients_equal_each_message_alone(tiny_gpt2, case):
+def test_packed_logits_and_gradients_equal_each_message_alone(tiny_gpt2, case, tile,
+                                                              monkeypatch):
+    monkeypatch.setattr(model_module, "ATTENTION_TILE", tile)
     model = classifier(tiny_gpt2).train()
     ids = messages(CASES[case])
     labels = torch.tensor([i % 2 for i in range(len(ids))])
@@ -86,12 +90,59 @@ def test_packing_lays_messages_end_to_end_with_restarting_positions():
     rows, cols = b.packing.last
     assert rows.tolist() == [0, 0, 1] and cols.tolist() == [5, 10, 2]
     assert b.index.tolist() == [2, 0, 1] and b.lengths.tolist() == [6, 5, 3]
-    mask = b.packing.mask[0]
-    assert mask[7].tolist() == [False] * 6 + [True, True] + [False] * 4  # own message only
-    assert not mask[6:, :6].any() and not mask[:6, 6:].any()  # block-diagonal
-    assert not mask[:11, 11].any()  # no message sees the padding
+    # the token in column 7 of row 0 sees its own message's first two tokens only
+    sees = b.packing.sees(torch.tensor([0, 0]), torch.tensor([7, 10]))
+    assert sees[0].tolist() == [False] * 6 + [True, True] + [False] * 4
+    assert sees[1].tolist() == [False] * 6 + [True] * 5 + [False]  # never the padding
     with pytest.raises(ValueError, match="does not fit"):
         batching.pack([[1] * 13], [0], pad_id=0, max_width=12)
+
+
+def test_tiles_change_bf16_training_only_within_its_rounding(tiny_gpt2, monkeypatch):
+    """Under bf16 autocast (as training on a bf16 CPU) the tiles give the logits and
+    gradients of attention over the whole packed row, up to bf16 rounding."""
+    ids = messages(CASES["mixed"])
+    labels = torch.tensor([i % 2 for i in range(len(ids))])
+    results = {}
+    for tile in (model_module.ATTENTION_TILE, 100_000):
+        monkeypatch.setattr(model_module, "ATTENTION_TILE", tile)
+        model = classifier(tiny_gpt2).train()
+        packed = batching.pack(ids, list(range(len(ids))), pad_id=0, max_width=256)
+        assert packed.packing.gather.shape[0] == (1 if tile == 100_000 else 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[tile] = loss_and_grads(model, packed, labels)
+    (got, got_grads), (want, want_grads) = results.values()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=0.05, rtol=0.05,
+                                   msg=f"gradient of {name}")
+
+
+def test_attention_tiles_hold_consecutive_messages_of_one_row():
+    ids = [[1] * 5, [2] * 3, [3] * 6, [4] * 2, [5] * 9]
+    b = batching.pack(ids, range(5), pad_id=0, max_width=16)
+    rows, _ = b.packing.last
+    assert rows.tolist() == [0, 0, 0, 0, 1]  # 16 tokens, then a row of its own
+    width = b.ids.shape[1]
+
+    def tiles(tile):
+        p = model_module.Packing.build(rows.tolist(), b.packing.first[1].tolist(),
+                                       b.lengths.tolist(), 2, width, tile)
+        real = torch.zeros(p.gather.numel(), dtype=torch.bool)
+        real[p.slots] = True
+        assert (p.gather.view(-1)[p.slots] == p.tokens).all()
+        return [[b.ids.view(-1)[i].item() for i in g[r]]
+                for g, r in zip(p.gather, real.view(p.gather.shape), strict=True)], p
+    # up to 8 tokens a tile; a longer message alone; never across rows
+    got, p = tiles(8)
+    assert got == [[1] * 5 + [2] * 3, [3] * 6 + [4] * 2, [5] * 9]
+    assert p.tile_mask is not None and p.tile_mask[0, 5].tolist() == (
+        [False] * 5 + [True] + [False] * 3)  # message 2's first token: itself only
+    assert not p.tile_mask[0, 4, 5] and p.tile_mask[0, 4, :5].all()
+    got, p = tiles(0)  # a message a tile: causal, no mask
+    assert got == [[1] * 5, [2] * 3, [3] * 6, [4] * 2, [5] * 9] and p.tile_mask is None
+    got, _ = tiles(1000)  # a row a tile
+    assert got == [[1] * 5 + [2] * 3 + [3] * 6 + [4] * 2, [5] * 9]
 
 
 def test_a_packed_message_longer_than_the_context_is_refused():

@@ -201,23 +201,24 @@ def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gp
 
 
 # The default recipe's numbers (trainable: lora, token: last, packed) as the code before
-# the trainable/token modes computed them (issue 24), for the build they were measured
-# on: a bit-level change to the default computation fails here.
-DEFAULT_RESULT = {
+# the trainable/token modes computed them (issue 24): every build must come within float
+# rounding of them.
+BEFORE_MODES = {"first_step_losses": ["0x1.7693040000000p-1", "0x1.7a54f80000000p-1"],
+                "val_loss": "0x1.42fa240000000p-1"}
+# ... and bit for bit what the code computes today, on the build it was measured on (the
+# trained tensors' bits moved once, within rounding, when attention ran in tiles: issue
+# 27): a bit-level change to the default computation fails here, to be looked at.
+DEFAULT_BITS = {
     "build": ("2.13.0+cpu", "AVX512", "AuthenticAMD"),
-    "tensors_sha256": "d09cf70cfbf24d20f6b2aa550d59614d65b7bad3035bd3eea30654ba66d57339",
-    "first_step_losses": ["0x1.7693040000000p-1", "0x1.7a54f80000000p-1"],
-    "val_loss": "0x1.42fa240000000p-1",
+    "tensors_sha256": "5f458563534f30b89ff070faa9db7eddd46a0afa3b0e4e27cb62c44b8ba7f232",
+    "first_step_losses": BEFORE_MODES["first_step_losses"],  # these bits did not move
+    "val_loss": BEFORE_MODES["val_loss"],
 }
 
 
-def test_the_default_modes_give_the_same_bits_as_before_they_existed(tmp_path):
+def test_the_default_recipe_computes_what_it_did_before_the_modes(tmp_path):
     from spamlora.adapter import tensors_digest, trainable_state
 
-    build = cpu_build()
-    if build != DEFAULT_RESULT["build"]:
-        pytest.skip(f"reference bits measured on {DEFAULT_RESULT['build']}, this "
-                    f"is {build}")
     folder = make_hf_gpt2(tmp_path / "g", tokenizer=False, vocab_size=257)
     base = load_gpt2(folder)
     model = build_classifier(base, AdapterSpec("tiny", base.cfg, rank=4, alpha=8,
@@ -234,6 +235,12 @@ def test_the_default_modes_give_the_same_bits_as_before_they_existed(tmp_path):
                                    params, 0, 64, CPU, torch.float32)
     finally:
         torch.set_num_threads(threads)
-    assert tensors_digest(trainable_state(model)) == DEFAULT_RESULT["tensors_sha256"]
-    assert [x.hex() for x in history.step_losses[:2]] == DEFAULT_RESULT["first_step_losses"]
-    assert history.epochs[-1].val_loss.hex() == DEFAULT_RESULT["val_loss"]
+    got = {"first_step_losses": [x.hex() for x in history.step_losses[:2]],
+           "val_loss": history.epochs[-1].val_loss.hex()}
+    np.testing.assert_allclose(
+        [float.fromhex(x) for x in got["first_step_losses"] + [got["val_loss"]]],
+        [float.fromhex(x) for x in BEFORE_MODES["first_step_losses"]
+         + [BEFORE_MODES["val_loss"]]], rtol=0, atol=1e-5)
+    if cpu_build() == DEFAULT_BITS["build"]:
+        assert tensors_digest(trainable_state(model)) == DEFAULT_BITS["tensors_sha256"]
+        assert got == {k: DEFAULT_BITS[k] for k in got}

@@ -6,9 +6,10 @@ their mean, `train.token`):
 - padded: one message a row, right-padded with the tokenizer's `<|endoftext|>` id to the
   batch's longest; causal attention keeps the padding out of every real token's view.
 - packed (training's default): the messages laid end to end in one row (more only when
-  they would pass the model's context), attention block-diagonal within each message,
-  positions restarting at 0 (`model.Packing`). No padding between messages, so a batch
-  drawn at random, whatever its mix of lengths, computes only its real tokens.
+  they would pass the model's context), attention within each message (in tiles of
+  whole messages, `model.ATTENTION_TILE`), positions restarting at 0 (`model.Packing`).
+  No padding between messages, so a batch drawn at random, whatever its mix of
+  lengths, computes only its real tokens.
 GPT-2 tokens per SMS average ~30 (max ~120): padding every batch to the longest message
 would compute ~4x the real tokens, padding random batches to their own longest ~1.8x.
 """

@@ -92,43 +92,109 @@ def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
             for part in y.split([base.out_features for base in bases], dim=-1)]
 
 
+# Packed messages attend in tiles: consecutive messages of a row, up to this many tokens
+# together (a longer message alone; 0: every message alone), padded to the batch's
+# fullest tile. Over the whole packed row (~250 tokens for 8 SMS) ~7/8 of the scores
+# would pair two messages, masked. Measured (GPT-2 124M, a bf16 training step on the
+# AMD AVX-512-bf16 machine, benchmarks/README.md): 388 ms with 64, 425-431 with 32 or
+# 128, 405 with a message a tile, 448 with a row a tile.
+ATTENTION_TILE = 64
+
+
 @dataclass(frozen=True)
 class Packing:
     """How several messages lie end to end in the rows of a token batch (`idx`).
 
-    Each message attends only to itself, causally (a block-diagonal mask), its positions
-    restart at 0, and the classifier reads its own tokens only: per message, the same
-    result as running it alone, but the batch computes its real tokens only, with no
-    padding between messages. Tokens after the last message of a row (rounding the width
-    up) form a block of their own that no message sees."""
+    Each message attends only to itself, causally, its positions restart at 0, and the
+    classifier reads its own tokens only: per message, the same result as running it
+    alone, but the batch computes its real tokens only, with no padding between
+    messages. Tokens after the last message of a row (rounding the width up) belong to
+    no message: nothing reads them, and attention gives them zeros.
+
+    Attention runs on tiles (`ATTENTION_TILE`): the projections of each tile's tokens
+    gathered into a row of their own (`gather`), attended there (causally, or
+    block-diagonally where a tile holds several messages: `tile_mask`) and put back."""
     positions: torch.Tensor  # (rows, width) position of each token in its message
-    mask: torch.Tensor  # (rows, width, width) bool: may token i attend to token j
     last: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each message's last token
     longest: int  # tokens in the longest message
     first: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each message's first token
     segment: torch.Tensor  # (rows, width) the message each token belongs to, -1: none
+    gather: torch.Tensor  # (tiles, tile width) flat index (row * width + column) of each
+    slots: torch.Tensor  # the flat positions in `gather` of messages' tokens (not padding)
+    tokens: torch.Tensor  # ... and the flat index of the token at each (gather[slots])
+    tile_mask: torch.Tensor | None  # (tiles, w, w) bool; None: one message a tile (causal)
 
     @classmethod
     def build(cls, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
-              n_rows: int, width: int) -> Packing:
-        """Message i lies in row `rows[i]` from column `starts[i]`, `lengths[i]` long."""
+              n_rows: int, width: int, tile: int | None = None) -> Packing:
+        """Message i lies in row `rows[i]` from column `starts[i]`, `lengths[i]` long;
+        `tile`: `ATTENTION_TILE` unless given."""
         segment = torch.full((n_rows, width), -1, dtype=torch.long)
         positions = torch.zeros(n_rows, width, dtype=torch.long)
         for i, (row, start, n) in enumerate(zip(rows, starts, lengths, strict=True)):
             segment[row, start: start + n] = i
             positions[row, start: start + n] = torch.arange(n)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = (segment[:, :, None] == segment[:, None, :]) & causal
+        cap = ATTENTION_TILE if tile is None else tile  # a longer message: a tile alone
+        tiles: list[list[int]] = []  # the messages of each tile
+        fill = 0
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            if not tiles or fill + n > cap or rows[tiles[-1][-1]] != row:
+                tiles.append([])
+                fill = 0
+            tiles[-1].append(i)
+            fill += n
+        tile_width = max(sum(lengths[i] for i in members) for members in tiles)
+        gather = torch.zeros(len(tiles), tile_width, dtype=torch.long)
+        message = torch.full((len(tiles), tile_width), -1, dtype=torch.long)
+        for t, members in enumerate(tiles):
+            column = 0
+            for i in members:
+                n, flat = lengths[i], rows[i] * width + starts[i]
+                gather[t, column: column + n] = torch.arange(flat, flat + n)
+                message[t, column: column + n] = i
+                column += n
+        causal = torch.ones(tile_width, tile_width, dtype=torch.bool).tril()
+        tile_mask = (None if len(tiles) == len(lengths) else
+                     (message[:, :, None] == message[:, None, :]) & causal)
         rows_t, starts_t = torch.tensor(list(rows)), torch.tensor(list(starts))
-        return cls(positions, mask, (rows_t, starts_t + torch.tensor(list(lengths)) - 1),
-                   max(lengths), (rows_t, starts_t), segment)
+        slots = (message.view(-1) >= 0).nonzero().view(-1)
+        return cls(positions, (rows_t, starts_t + torch.tensor(list(lengths)) - 1),
+                   max(lengths), (rows_t, starts_t), segment, gather, slots,
+                   gather.view(-1)[slots], tile_mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int,
+               dropout: float) -> torch.Tensor:
+        """Attention of (rows, width, d) projections, each message within itself."""
+        rows, width, d = q.shape
+        tiles, tile_width = self.gather.shape
+        # index_select, not indexing: its backward is index_add_, where indexing's
+        # (index_put_ with accumulate) cost ~20 ms a step on GPT-2 124M (benchmarks/)
+        flat = self.gather.view(-1)
+
+        def tiled(y: torch.Tensor) -> torch.Tensor:  # (tiles, heads, tile width, head dim)
+            y = y.reshape(rows * width, d).index_select(0, flat)
+            return y.view(tiles, tile_width, n_heads, d // n_heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            tiled(q), tiled(k), tiled(v), dropout_p=dropout,
+            attn_mask=None if self.tile_mask is None else self.tile_mask[:, None],
+            is_causal=self.tile_mask is None)
+        y = y.transpose(1, 2).reshape(tiles * tile_width, d).index_select(0, self.slots)
+        return y.new_zeros(rows * width, d).index_copy(0, self.tokens, y).view(rows, width, d)
+
+    def sees(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """(n, width) bool: which tokens of its row the token at (row, col) attends to."""
+        columns = torch.arange(self.segment.shape[1], device=col.device)
+        return (self.segment[row] == self.segment[row, col][:, None]) & (
+            columns <= col[:, None])
 
     def to(self, device: torch.device | str) -> Packing:
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=True)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
 
-        return Packing(move(self.positions), move(self.mask), tuple(map(move, self.last)),
-                       self.longest, tuple(map(move, self.first)), move(self.segment))
+        return Packing(move(self.positions), tuple(map(move, self.last)), self.longest,
+                       tuple(map(move, self.first)), move(self.segment), move(self.gather),
+                       move(self.slots), move(self.tokens), move(self.tile_mask))
 
 
 @dataclass(frozen=True)
@@ -160,24 +226,27 @@ class CausalSelfAttention(nn.Module):
         b, _, d = y.shape
         return y.view(b, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, packing: Packing | None = None,
                 last: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Self-attention over (rows, t, d): causal, or as `mask` (rows, t, t) allows.
-        With `last` (row and column indices of n positions) only those positions query:
-        (n, d) out, each seeing what its mask row (or causality) allows."""
+        """Self-attention over (rows, t, d): causal, or within each message `packing` lays
+        out. With `last` (row and column indices of n positions) only those positions
+        query: (n, d) out, each seeing what causality (or its message) allows."""
         rows, t, d = x.shape
         dropout = self.drop_rate if self.training else 0.0
         q, k, v = project(x, (self.W_query, self.W_key, self.W_value))
-        k, v = self._heads(k), self._heads(v)
         if last is None:
-            y = F.scaled_dot_product_attention(
-                self._heads(q), k, v, attn_mask=None if mask is None else mask[:, None],
-                is_causal=mask is None, dropout_p=dropout)
+            if packing is not None:
+                y = packing.attend(q, k, v, self.n_heads, dropout)
+                return self.resid_dropout(self.out_proj(y))
+            y = F.scaled_dot_product_attention(self._heads(q), self._heads(k),
+                                               self._heads(v), is_causal=True,
+                                               dropout_p=dropout)
             return self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(rows, t, d)))
         row, col = last
+        k, v = self._heads(k), self._heads(v)
         q = self._heads(q[row, col][:, None])  # (n, heads, 1, head_dim)
-        seen = (torch.arange(t, device=x.device) <= col[:, None] if mask is None
-                else mask[row, col])  # (n, t)
+        seen = (torch.arange(t, device=x.device) <= col[:, None] if packing is None
+                else packing.sees(row, col))  # (n, t)
         y = F.scaled_dot_product_attention(q, k[row], v[row],
                                            attn_mask=seen[:, None, None, :],
                                            dropout_p=dropout)
@@ -206,10 +275,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, packing: Packing | None = None,
                 last: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """With `last` (row and column indices), only those positions go on: (n, d) out."""
-        attended = self.att(self.norm1(x), mask, last)
+        attended = self.att(self.norm1(x), packing, last)
         if last is not None:
             x = x[last]
         x = x + attended
@@ -283,7 +352,7 @@ class GPTModel(nn.Module):
         (rows, seq, emb_dim), at every position: what an `Entering` hands back."""
         x = self.embed(idx, packing)
         for b in list(self.trf_blocks)[:block]:
-            x = b(x, None if packing is None else packing.mask)
+            x = b(x, packing)
         return x
 
     def hidden_states(self, idx: torch.Tensor, packing: Packing | None = None,
@@ -300,12 +369,11 @@ class GPTModel(nn.Module):
             x, start = self.embed(idx, packing), 0
         else:
             x, start = entering.hidden, entering.block
-        mask = None if packing is None else packing.mask
         blocks = list(self.trf_blocks)[start:]
         for block in blocks if last is None else blocks[:-1]:
-            x = block(x, mask)
+            x = block(x, packing)
         if last is not None:
-            x = blocks[-1](x, mask, last) if blocks else x[last]
+            x = blocks[-1](x, packing, last) if blocks else x[last]
         return self.final_norm(x)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None,
