@@ -71,7 +71,8 @@ def workspace(root: Path) -> tuple[Path, dict[str, str]]:
     params["model"]["url"] = str(models / "{name}")
     params["model"]["sha256"] = None
     params["model"]["weights"] = "random"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8",
+                           newline="\n")
     env = dict(os.environ, PYTHONPATH=str(ws / "src"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                GIT_AUTHOR_NAME="bench", GIT_COMMITTER_NAME="bench",
