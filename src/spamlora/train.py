@@ -27,6 +27,8 @@ from .precision import attention_kernels, autocast, cast_frozen_linears
 
 # Validation is inference: larger batches cost nothing in accuracy.
 EVAL_BATCH_SIZE = 64
+# Where PyTorch has a fused AdamW (elsewhere the per-tensor loop: the same update).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")
 
 
 @dataclass
@@ -140,7 +142,10 @@ def train_classifier(
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    # fused: one kernel for all the tensors, where the per-tensor loop ran ~10 small ops
+    # on each of LoRA's ~150 (8.9 -> 3.2 ms a step on GPT-2 124M, benchmarks/README.md)
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
+                                  fused=device.type in FUSED_ADAMW_DEVICES)
     labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
     lengths = [len(t) for t in train_ids]
     pad_to = max_length if params.padding == "max_length" else None
