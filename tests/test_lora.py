@@ -62,6 +62,25 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_base():
     torch.testing.assert_close(wrapped(x), unmerged, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_adds_exactly_the_scaled_update_in_the_weights_dtype(dtype):
+    """fp32 weights take one GEMM accumulating into them; others add the update cast."""
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    wrapped = LinearWithLoRA(linear, rank=4, alpha=10)  # scaling 2.5
+    nn.init.normal_(wrapped.lora.B)
+    linear.to(dtype)
+    expected = (linear.weight.double() + 2.5 * (wrapped.lora.A.double()
+                                                @ wrapped.lora.B.double()).T)
+    original = linear.weight.detach().clone()
+    wrapped.merge()
+    assert linear.weight.dtype == dtype
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(linear.weight.double(), expected, atol=tolerance, rtol=0)
+    wrapped.unmerge()
+    torch.testing.assert_close(linear.weight, original, atol=tolerance, rtol=0)
+
+
 def test_whole_model_merge_matches_and_gradients_reach_only_lora_and_head():
     torch.manual_seed(0)
     model = GPTModel(TINY)
