@@ -167,6 +167,39 @@ def test_fingerprint_hashes_once_per_file_state_and_strict_always(tiny_gpt2, tmp
     assert base_fingerprint(base) == first and hashed[4:] == ["config.json"]
 
 
+def test_md5_digests_are_cached_beside_the_sha256_while_the_file_is_unchanged(
+        tiny_gpt2, tmp_path, monkeypatch, hashed):
+    """The train stage tags its run with DVC's md5 of the base model folder: hashed once
+    per state of each file, as its sha256 is (issue 27, item 3)."""
+    import hashlib
+
+    from spamlora.tracking import dir_md5
+    from spamlora.weights import file_digests
+
+    md5_reads = []
+    real_md5 = spamlora.weights.file_md5
+    monkeypatch.setattr(spamlora.weights, "file_md5",
+                        lambda path: md5_reads.append(path.name) or real_md5(path))
+    base = downloaded(tiny_gpt2, tmp_path / "base")
+    weights = base / "model.safetensors"
+    expected = hashlib.md5(weights.read_bytes()).hexdigest()
+    sha256 = base_fingerprint(base)["model.safetensors"]
+    assert file_digests([weights], algorithm="md5") == [expected]
+    assert md5_reads == ["model.safetensors"]
+    folder_digest = dir_md5(base)
+    assert md5_reads.count("model.safetensors") == 1  # cached
+    assert len(hashed) == 2 and base_fingerprint(base)["model.safetensors"] == sha256
+    assert len(hashed) == 2  # the md5 entry kept the sha256 beside it
+    # Another content, its mtime set an hour back: another state, hashed again.
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    os.utime(weights, (weights.stat().st_atime - 3600, weights.stat().st_mtime - 3600))
+    assert dir_md5(base) != folder_digest
+    assert md5_reads.count("model.safetensors") == 2
+    assert file_digests([weights], algorithm="md5") == [
+        hashlib.md5(weights.read_bytes()).hexdigest()]
+    assert md5_reads.count("model.safetensors") == 2
+
+
 def test_a_damaged_weights_file_is_refused_naming_it_and_how_to_restore_it(tiny_gpt2,
                                                                            tmp_path):
     base = downloaded(tiny_gpt2, tmp_path / "base")

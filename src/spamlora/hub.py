@@ -65,7 +65,15 @@ def resolve_sha256(name: str, sha256: str | dict[str, str] | None) -> dict[str, 
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    return _file_digest(path, hashlib.sha256())
+
+
+def file_md5(path: str | Path) -> str:
+    """DVC 3's hash of a file: the md5 of its bytes."""
+    return _file_digest(path, hashlib.md5())
+
+
+def _file_digest(path: str | Path, digest) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)

@@ -25,7 +25,7 @@ from torch import nn
 from .download import download, join_url
 from .errors import SpamloraError
 from .fileio import atomic_path, link_or_copy, read_json, write_json
-from .hub import MODEL_FILES, file_sha256, find_in_hf_cache
+from .hub import MODEL_FILES, file_md5, file_sha256, find_in_hf_cache
 from .model import GPTConfig, GPTModel
 
 CONFIG_FILE, WEIGHTS_FILE = MODEL_FILES[:2]
@@ -181,13 +181,16 @@ def _stamp(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
-def file_digests(paths: list[Path], rehash: bool = False) -> list[str]:
-    """The sha256 of each file, as DVC tracks content: a digest stored in the user's cache
-    (`spamlora_cache_dir() / DIGEST_CACHE`, never beside the files: a DVC output may be
-    read-only hard links) is used while the file's size, mtime_ns and inode are those it
-    was computed for; else the file is hashed and the digest stored. A change that keeps
-    all three (bytes rewritten in place, then the mtime set back) goes unseen: `rehash`
-    hashes every file. A cache that is absent, damaged or unwritable only costs hashing."""
+def file_digests(paths: list[Path], rehash: bool = False,
+                 algorithm: str = "sha256") -> list[str]:
+    """The sha256 (or md5, DVC's hash) of each file, as DVC tracks content: a digest stored
+    in the user's cache (`spamlora_cache_dir() / DIGEST_CACHE`, never beside the files: a
+    DVC output may be read-only hard links) is used while the file's size, mtime_ns and
+    inode are those it was computed for; else the file is hashed and the digest stored. A
+    change that keeps all three (bytes rewritten in place, then the mtime set back) goes
+    unseen: `rehash` hashes every file. A cache that is absent, damaged or unwritable
+    only costs hashing."""
+    hash_file = {"sha256": file_sha256, "md5": file_md5}[algorithm]
     cache_file = spamlora_cache_dir() / DIGEST_CACHE
     try:
         cache = read_json(cache_file)
@@ -200,16 +203,19 @@ def file_digests(paths: list[Path], rehash: bool = False) -> list[str]:
         key = str(path.resolve())
         before = _stamp(path.stat())
         entry = entries.get(key)
-        if (not rehash and isinstance(entry, dict) and entry.get("stat") == before
-                and isinstance(entry.get("sha256"), str)):
-            digests.append(entry["sha256"])
+        current = isinstance(entry, dict) and entry.get("stat") == before
+        if not rehash and current and isinstance(entry.get(algorithm), str):
+            digests.append(entry[algorithm])
             continue
         started = time.time_ns()
-        digest = file_sha256(path)
+        digest = hash_file(path)
         digests.append(digest)
         entries.pop(key, None)
         if _stamp(path.stat()) == before and before["mtime_ns"] < started - RACY_NS:
-            entries[key] = {"stat": before, "sha256": digest}
+            # The other algorithm's digest stays while it describes this very state.
+            others = {k: v for k, v in entry.items() if k != algorithm} if (
+                current and not rehash) else {"stat": before}
+            entries[key] = {**others, algorithm: digest}
             changed = True
     if changed:
         kept = {k: v for k, v in entries.items() if os.path.exists(k)}
