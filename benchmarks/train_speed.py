@@ -184,11 +184,11 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
 
 
 def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
-              seed: int = SEED) -> dict:
+              seed: int = SEED, save_to: Path | None = None) -> dict:
     """transformers + peft with random (shuffled) batches padded to their longest. Tuned:
     dropout 0, PyTorch's fused GELU(tanh) (`PEER_TUNED_CONFIG`) and bf16 autocast where
     the machine computes bf16 natively (as spamlora's `precision: auto` decides), else
-    fp32."""
+    fp32. `save_to`: the adapter is saved there at the end (`save_pretrained`)."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -235,9 +235,11 @@ def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
     with torch.inference_mode(), autocast:
         for batch in val_loader:
             correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
+    validation_seconds = time.perf_counter() - t0 - train_seconds
+    if save_to is not None:
+        model.save_pretrained(save_to)
     return {"precision": "bfloat16" if bf16 else "float32", "setup_seconds": setup,
-            "train_seconds": train_seconds,
-            "validation_seconds": time.perf_counter() - t0 - train_seconds,
+            "train_seconds": train_seconds, "validation_seconds": validation_seconds,
             "examples": len(train), "final_step_loss": loss.item(),
             "val_accuracy": correct / len(val)}
 
