@@ -443,8 +443,8 @@ def test_loading_hashes_each_base_file_once(store, tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
+    import spamlora.hub
     import spamlora.mlflow_model
-    import spamlora.weights
     from spamlora.adapter import read_adapter
     from spamlora.weights import base_fingerprint
 
@@ -454,7 +454,7 @@ def test_loading_hashes_each_base_file_once(store, tmp_path, monkeypatch):
     with mlflow.start_run():
         uri = log_model(tmp_path / adapter_path.name, store["ref"])
     hashed = []
-    for module in (spamlora.mlflow_model, spamlora.weights):
+    for module in (spamlora.mlflow_model, spamlora.hub):
         real = module.file_sha256
         monkeypatch.setattr(module, "file_sha256",
                             lambda path, real=real: hashed.append(Path(path).name) or real(path))

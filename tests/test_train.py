@@ -96,8 +96,9 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_gpt2):
 @pytest.mark.parametrize("trainable", ["lora", "all"])
 def test_the_fused_adamw_updates_as_the_per_tensor_loop_does(tiny_gpt2, tmp_path, trainable,
                                                              monkeypatch):
-    import spamlora.train as train_module
     from safetensors.torch import load_file
+
+    import spamlora.train as train_module
 
     fused_flags = []
 

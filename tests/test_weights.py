@@ -10,15 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import spamlora.weights
+import spamlora.hub
+from spamlora.hub import DIGEST_CACHE, spamlora_cache_dir
 from spamlora.weights import (
-    DIGEST_CACHE,
     DamagedBaseError,
     WeightsError,
     base_fingerprint,
     load_gpt2,
     read_config,
-    spamlora_cache_dir,
 )
 
 from .conftest import downloaded, flip_bytes, make_hf_gpt2
@@ -141,8 +140,8 @@ def test_loading_initialises_nothing_and_restores_torch_init(folder):
 def hashed(monkeypatch):
     """The names of the files `base_fingerprint` reads in full, in order."""
     calls = []
-    real = spamlora.weights.file_sha256
-    monkeypatch.setattr(spamlora.weights, "file_sha256",
+    real = spamlora.hub.file_sha256
+    monkeypatch.setattr(spamlora.hub, "file_sha256",
                         lambda path: calls.append(path.name) or real(path))
     return calls
 
@@ -173,12 +172,12 @@ def test_md5_digests_are_cached_beside_the_sha256_while_the_file_is_unchanged(
     per state of each file, as its sha256 is (issue 27, item 3)."""
     import hashlib
 
+    from spamlora.hub import file_digests
     from spamlora.tracking import dir_md5
-    from spamlora.weights import file_digests
 
     md5_reads = []
-    real_md5 = spamlora.weights.file_md5
-    monkeypatch.setattr(spamlora.weights, "file_md5",
+    real_md5 = spamlora.hub.file_md5
+    monkeypatch.setattr(spamlora.hub, "file_md5",
                         lambda path: md5_reads.append(path.name) or real_md5(path))
     base = downloaded(tiny_gpt2, tmp_path / "base")
     weights = base / "model.safetensors"

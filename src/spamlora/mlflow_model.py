@@ -53,11 +53,11 @@ from mlflow.types.schema import AnyType, DataType, Map
 from .adapter import AdapterSpec, read_spec
 from .config import DownloadParams, ModelParams
 from .errors import SpamloraError
-from .hub import MODEL_FILES, file_sha256
+from .hub import MODEL_FILES, file_sha256, spamlora_cache_dir
 from .inference import predictions
 from .predictor import Predictor
 from .presets import PRESETS
-from .weights import base_fingerprint, fetch_model, spamlora_cache_dir
+from .weights import base_fingerprint, fetch_model
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from filelock import FileLock
 from .config import DataParams, metric_name
 from .errors import Interrupted, SpamloraError
 from .fileio import read_json
-from .hub import file_md5
+from .hub import file_digests, file_md5
 from .paths import SPLITS, Paths
 from .process import pid_alive, start_time
 
@@ -548,10 +548,8 @@ def dir_md5(folder: Path) -> str:
 
 def cached_md5(paths: list[Path]) -> list[str]:
     """`file_md5` of each file, cached while it keeps its size, mtime and inode, as DVC's
-    own state does (`weights.file_digests`): hashing the base model's 0.5 GB took ~1 s of
+    own state does (`hub.file_digests`): hashing the base model's 0.5 GB took ~1 s of
     every train stage's start."""
-    from .weights import file_digests  # torch: only where digests are taken
-
     return file_digests(paths, algorithm="md5")
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from torch import nn
 from .download import download, join_url
 from .errors import SpamloraError
 from .fileio import atomic_path, link_or_copy, read_json, write_json
-from .hub import MODEL_FILES, file_md5, file_sha256, find_in_hf_cache
+from .hub import MODEL_FILES, file_digests, find_in_hf_cache
 from .model import GPTConfig, GPTModel
 
 CONFIG_FILE, WEIGHTS_FILE = MODEL_FILES[:2]
@@ -159,72 +157,6 @@ def fetch_model(name: str, base_url: str, dest: str | Path, timeout: float, retr
         check_weights(tmp, read_config(tmp))
         write_json(tmp / DOWNLOAD_RECORD, record)
     return record
-
-
-def spamlora_cache_dir() -> Path:
-    """The user's cache folder for spamlora: `$XDG_CACHE_HOME/spamlora`, default
-    `~/.cache/spamlora`. Never inside a workspace: what is cached here describes files,
-    it is not a pipeline output."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache / "spamlora"
-
-
-DIGEST_CACHE = "file-digests.json"
-DIGEST_CACHE_FORMAT = "spamlora-file-digests/1"
-DIGEST_CACHE_ENTRIES = 1024  # the most recently hashed files kept
-# A file modified this shortly before it was hashed may be modified again within the same
-# timestamp tick (coarse kernel clocks, 2 s on FAT): its digest is used but not stored.
-RACY_NS = 2_000_000_000
-
-
-def _stamp(st: os.stat_result) -> dict[str, int]:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def file_digests(paths: list[Path], rehash: bool = False,
-                 algorithm: str = "sha256") -> list[str]:
-    """The sha256 (or md5, DVC's hash) of each file, as DVC tracks content: a digest stored
-    in the user's cache (`spamlora_cache_dir() / DIGEST_CACHE`, never beside the files: a
-    DVC output may be read-only hard links) is used while the file's size, mtime_ns and
-    inode are those it was computed for; else the file is hashed and the digest stored. A
-    change that keeps all three (bytes rewritten in place, then the mtime set back) goes
-    unseen: `rehash` hashes every file. A cache that is absent, damaged or unwritable
-    only costs hashing."""
-    hash_file = {"sha256": file_sha256, "md5": file_md5}[algorithm]
-    cache_file = spamlora_cache_dir() / DIGEST_CACHE
-    try:
-        cache = read_json(cache_file)
-        entries = cache["files"] if cache.get("format") == DIGEST_CACHE_FORMAT else {}
-        entries = entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        entries = {}
-    digests, changed = [], False
-    for path in paths:
-        key = str(path.resolve())
-        before = _stamp(path.stat())
-        entry = entries.get(key)
-        current = isinstance(entry, dict) and entry.get("stat") == before
-        if not rehash and current and isinstance(entry.get(algorithm), str):
-            digests.append(entry[algorithm])
-            continue
-        started = time.time_ns()
-        digest = hash_file(path)
-        digests.append(digest)
-        entries.pop(key, None)
-        if _stamp(path.stat()) == before and before["mtime_ns"] < started - RACY_NS:
-            # The other algorithm's digest stays while it describes this very state.
-            others = {k: v for k, v in entry.items() if k != algorithm} if (
-                current and not rehash) else {"stat": before}
-            entries[key] = {**others, algorithm: digest}
-            changed = True
-    if changed:
-        kept = {k: v for k, v in entries.items() if os.path.exists(k)}
-        kept = dict(list(kept.items())[-DIGEST_CACHE_ENTRIES:])
-        try:
-            write_json(cache_file, {"format": DIGEST_CACHE_FORMAT, "files": kept})
-        except OSError as e:
-            log.debug("file digests not cached in %s: %s", cache_file, e)
-    return digests
 
 
 class DamagedBaseError(WeightsError):
