@@ -370,6 +370,15 @@ def accuracy_table(runs: dict[str, dict[int, dict]]) -> dict:
     return table
 
 
+def median_epochs(accuracy: dict) -> dict[str, float]:
+    """Each case's median training seconds over its seeds' epochs (same work, other
+    batch orders)."""
+    import numpy as np
+
+    return {case: float(np.median(a["train_seconds"])) for case, a in accuracy.items()
+            if len(a["train_seconds"]) > 1}
+
+
 def summarise(results: dict) -> dict:
     ours = results["spamlora"]
     out = {}
@@ -386,8 +395,9 @@ def summarise(results: dict) -> dict:
 
 def write_table(report: dict) -> None:
     r = report["results"]
+    cpu = f"{report['cpu']} ({report['machine']})" if report.get("cpu") else report["machine"]
     lines = [TABLE_START, "",
-             f"Measured {report['date']} on {report['machine']} "
+             f"Measured {report['date']} on {cpu} "
              f"(torch {report['torch']}, {report['threads']} threads), "
              f"{r['spamlora']['examples']:,} training messages.", "",
              "| one epoch + validation pass | precision | train s | examples/s | "
@@ -416,6 +426,13 @@ def write_table(report: dict) -> None:
                          f" | {a['mean']:.3f} | {a['min']:.3f}–{a['max']:.3f} | "
                          f"{', '.join(f'{v:.0f}' for v in a['train_seconds'])} |")
         lines.append("")
+        medians = median_epochs(report["accuracy"])
+        if "spamlora" in medians and "peer-tuned" in medians:
+            # One epoch a case moves by up to ~15% with the machine's load; the seeds'
+            # epochs are the same work, so their median is the steadier ratio.
+            lines += [f"- median epoch over the seeds: spamlora {medians['spamlora']:.1f} s, "
+                      f"peer-tuned {medians['peer-tuned']:.1f} s: **"
+                      f"{medians['peer-tuned'] / medians['spamlora']:.2f}x**", ""]
     if "inference" in r:
         i = r["inference"]
         lines.append(f"- evaluation ({i['precision']}, LoRA merged): "
@@ -596,7 +613,8 @@ def main() -> None:
                 if seed not in accuracy_runs[case]:
                     accuracy_runs[case][seed] = run_child(case, data_dir, model_dir,
                                                           args.limit, seed)
-    report = {**machine(), "size": args.size, "limit": args.limit, "results": results}
+    report = {**machine(), **cpu_description(), "size": args.size, "limit": args.limit,
+              "results": results}
     if "spamlora" in results:
         report["summary"] = summarise(results)
     if args.seeds:

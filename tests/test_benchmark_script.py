@@ -40,6 +40,19 @@ def test_benchmark_smoke_run(tmp_path):
         assert row["min"] <= row["mean"] <= row["max"]
     # Seed 123 of the accuracy table is the speed run itself, not a second one.
     assert accuracy["spamlora"]["val_accuracy"][0] == results["spamlora"]["val_accuracy"]
+    assert report["cpu"] and report["cpu_flags"] is not None  # the table names the CPU
+
+
+def test_the_epoch_ratio_is_the_median_over_the_seeds(monkeypatch):
+    """One slow process (a busy moment of a shared machine) must not set the ratio: the
+    seeds' epochs are the same work, so their median is used; one seed gives none."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_speed import median_epochs
+
+    assert median_epochs({"spamlora": {"train_seconds": [60.0, 51.0, 52.0, 51.0]},
+                          "peer-tuned": {"train_seconds": [92.0, 90.0, 96.0, 95.0]},
+                          "spamlora-grouped": {"train_seconds": [49.0]}}) == {
+        "spamlora": 51.5, "peer-tuned": 93.5}
 
 
 @pytest.mark.e2e
