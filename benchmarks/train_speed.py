@@ -428,7 +428,7 @@ def write_table(report: dict) -> None:
         lines.append("")
         medians = median_epochs(report["accuracy"])
         if "spamlora" in medians and "peer-tuned" in medians:
-            # One epoch a case moves by up to ~15% with the machine's load; the seeds'
+            # One epoch a case moved by up to ~18% with the machine's load; the seeds'
             # epochs are the same work, so their median is the steadier ratio.
             lines += [f"- median epoch over the seeds: spamlora {medians['spamlora']:.1f} s, "
                       f"peer-tuned {medians['peer-tuned']:.1f} s: **"
