@@ -184,11 +184,12 @@ def case_spamlora(data_dir: Path, model_dir: Path, limit: int | None, seed: int 
 
 
 def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
-              seed: int = SEED, save_to: Path | None = None) -> dict:
+              seed: int = SEED, save_to: Path | None = None, epochs: int = 1) -> dict:
     """transformers + peft with random (shuffled) batches padded to their longest. Tuned:
     dropout 0, PyTorch's fused GELU(tanh) (`PEER_TUNED_CONFIG`) and bf16 autocast where
     the machine computes bf16 natively (as spamlora's `precision: auto` decides), else
-    fp32. `save_to`: the adapter is saved there at the end (`save_pretrained`)."""
+    fp32. `save_to`: the adapter is saved there at the end (`save_pretrained`). Each of
+    `epochs` ends with a validation pass, as spamlora's do."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -221,26 +222,29 @@ def case_peer(data_dir: Path, model_dir: Path, limit: int | None, tuned: bool,
     bf16 = tuned and resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     setup = time.perf_counter() - start
-    t0 = time.perf_counter()
-    model.train()
-    for batch in train_loader:
-        with autocast:
-            loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    train_seconds = time.perf_counter() - t0
-    model.eval()
-    correct = 0
-    with torch.inference_mode(), autocast:
-        for batch in val_loader:
-            correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
-    validation_seconds = time.perf_counter() - t0 - train_seconds
+    train_seconds = validation_seconds = 0.0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for batch in train_loader:
+            with autocast:
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        t1 = time.perf_counter()
+        model.eval()
+        correct = 0
+        with torch.inference_mode(), autocast:
+            for batch in val_loader:
+                correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
+        train_seconds += t1 - t0
+        validation_seconds += time.perf_counter() - t1
     if save_to is not None:
         model.save_pretrained(save_to)
     return {"precision": "bfloat16" if bf16 else "float32", "setup_seconds": setup,
             "train_seconds": train_seconds, "validation_seconds": validation_seconds,
-            "examples": len(train), "final_step_loss": loss.item(),
+            "epochs": epochs, "examples": len(train), "final_step_loss": loss.item(),
             "val_accuracy": correct / len(val)}
 
 
