@@ -55,12 +55,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("token", ["last", "first"])  # the queries of the last block
 @pytest.mark.parametrize("tile", [0, 40, 100_000])  # a message a tile, some, a row a tile
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_logits_and_gradients_equal_each_message_alone(tiny_gpt2, case, tile,
+def test_packed_logits_and_gradients_equal_each_message_alone(tiny_gpt2, case, tile, token,
                                                               monkeypatch):
     monkeypatch.setattr(model_module, "ATTENTION_TILE", tile)
     model = classifier(tiny_gpt2).train()
+    model.token = token
     ids = messages(CASES[case])
     labels = torch.tensor([i % 2 for i in range(len(ids))])
     index = list(range(len(ids)))
@@ -91,9 +93,12 @@ def test_packing_lays_messages_end_to_end_with_restarting_positions():
     assert rows.tolist() == [0, 0, 1] and cols.tolist() == [5, 10, 2]
     assert b.index.tolist() == [2, 0, 1] and b.lengths.tolist() == [6, 5, 3]
     # the token in column 7 of row 0 sees its own message's first two tokens only
-    sees = b.packing.sees(torch.tensor([0, 0]), torch.tensor([7, 10]))
-    assert sees[0].tolist() == [False] * 6 + [True, True] + [False] * 4
-    assert sees[1].tolist() == [False] * 6 + [True] * 5 + [False]  # never the padding
+    keys, seen = b.packing.keys_of(torch.tensor([0, 0]), torch.tensor([7, 10]))
+    assert keys[0][seen[0]].tolist() == [6, 7]
+    assert keys[1][seen[1]].tolist() == [6, 7, 8, 9, 10]  # never the padding
+    # the second row's message: its flat indices start at the row's (12)
+    keys, seen = b.packing.keys_of(torch.tensor([1]), torch.tensor([2]))
+    assert keys[0][seen[0]].tolist() == [12, 13, 14]
     with pytest.raises(ValueError, match="does not fit"):
         batching.pack([[1] * 13], [0], pad_id=0, max_width=12)
 

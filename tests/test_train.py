@@ -235,12 +235,13 @@ def test_off_a_terminal_training_says_where_it_is_and_each_epochs_result(tiny_gp
 BEFORE_MODES = {"first_step_losses": ["0x1.7693040000000p-1", "0x1.7a54f80000000p-1"],
                 "val_loss": "0x1.42fa240000000p-1"}
 # ... and bit for bit what the code computes today, on the build it was measured on (the
-# trained tensors' bits moved within rounding when attention ran in tiles and when AdamW
-# was fused: issue 27): a bit-level change to the default computation fails here, to be
-# looked at.
+# trained tensors' bits moved within rounding when attention ran in tiles, when AdamW
+# was fused, and when the last block's queries read their tile's keys instead of their
+# row's, by 1.0e-7 at most: issue 27): a bit-level change to the default computation
+# fails here, to be looked at.
 DEFAULT_BITS = {
     "build": ("2.13.0+cpu", "AVX512", "AuthenticAMD"),
-    "tensors_sha256": "07a467c70c93b4dbaa4f22ac729a012de3b75aa67202daad222cff346efe3b8c",
+    "tensors_sha256": "02573e7f316678c71db34c1ecfe5f13ff7a854d5ee203b8c27173090553689f8",
     "first_step_losses": BEFORE_MODES["first_step_losses"],  # these bits did not move
     "val_loss": BEFORE_MODES["val_loss"],
 }
