@@ -191,7 +191,7 @@ class Packing:
         """For the tokens at (row, col), n of them: the flat index of every token of
         each one's tile, (n, tile width), and which of those it attends to (its own
         message's, up to itself). Its tile, not its row: a row holds ~8 messages, and
-        each query read its whole row's keys before (~20 ms a step of GPT-2 124M, most
+        each query read its whole row's keys before (~12 ms a step of GPT-2 124M, much
         of it the backward of that copy, benchmarks/README.md)."""
         width = self.segment.shape[1]
         message = self.segment[row, col]
