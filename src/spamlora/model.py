@@ -101,6 +101,16 @@ def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
 ATTENTION_TILE = 64
 
 
+def gather_heads(y: torch.Tensor, index: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The tokens of (rows, width, d) projections `y` at the flat indices `index` (n, m),
+    split into heads: (n, heads, m, head dim). index_select, not indexing: its backward
+    is index_add_, where indexing's (index_put_ with accumulate) cost ~20 ms a step on
+    GPT-2 124M (benchmarks/README.md)."""
+    d = y.shape[-1]
+    picked = y.reshape(-1, d).index_select(0, index.view(-1))
+    return picked.view(*index.shape, n_heads, d // n_heads).transpose(1, 2)
+
+
 @dataclass(frozen=True)
 class Packing:
     """How several messages lie end to end in the rows of a token batch (`idx`).
@@ -171,16 +181,8 @@ class Packing:
         """Attention of (rows, width, d) projections, each message within itself."""
         rows, width, d = q.shape
         tiles, tile_width = self.gather.shape
-        # index_select, not indexing: its backward is index_add_, where indexing's
-        # (index_put_ with accumulate) cost ~20 ms a step on GPT-2 124M (benchmarks/)
-        flat = self.gather.view(-1)
-
-        def tiled(y: torch.Tensor) -> torch.Tensor:  # (tiles, heads, tile width, head dim)
-            y = y.reshape(rows * width, d).index_select(0, flat)
-            return y.view(tiles, tile_width, n_heads, d // n_heads).transpose(1, 2)
-
         y = F.scaled_dot_product_attention(
-            tiled(q), tiled(k), tiled(v), dropout_p=dropout,
+            *(gather_heads(y, self.gather, n_heads) for y in (q, k, v)), dropout_p=dropout,
             attn_mask=None if self.tile_mask is None else self.tile_mask[:, None],
             is_causal=self.tile_mask is None)
         y = y.transpose(1, 2).reshape(tiles * tile_width, d).index_select(0, self.slots)
@@ -262,9 +264,7 @@ class CausalSelfAttention(nn.Module):
             seen = torch.arange(t, device=x.device) <= col[:, None]  # (n, t)
         else:
             keys, seen = packing.keys_of(row, col)  # (n, tile width)
-            flat = keys.view(-1)
-            k, v = (self._heads(y.reshape(rows * t, d).index_select(0, flat)
-                                .view(len(row), -1, d)) for y in (k, v))
+            k, v = (gather_heads(y, keys, self.n_heads) for y in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None, None, :],
                                            dropout_p=dropout)
         return self.resid_dropout(self.out_proj(y.reshape(len(row), d)))
