@@ -86,6 +86,36 @@ def test_batching_and_padding_do_not_change_predictions(trained_like):
             one_by_one, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_predict_logits_scores_in_eval_mode_and_leaves_each_module_as_it_was(trained_like,
+                                                                              fails):
+    """Scoring switches off every module's training mode (dropout), and afterwards, even
+    when scoring failed, each module is in the mode it was in, a mixed model included."""
+    model = trained_like.train()
+    model.trf_blocks[0].eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    during = []
+
+    def record(module, args):
+        during.append(module.training)
+        if fails:
+            raise RuntimeError("scoring failed")
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, nn.Dropout)]
+    ids = [[1, 2, 3], [4, 5]]
+    if fails:
+        with pytest.raises(RuntimeError, match="scoring failed"):
+            predict_logits(model, ids, 0, 2, torch.device("cpu"))
+    else:
+        predict_logits(model, ids, 0, 2, torch.device("cpu"))
+    for hook in hooks:
+        hook.remove()
+    assert during and not any(during)
+    assert {name: module.training for name, module in model.named_modules()} == before
+    assert model.training and not model.trf_blocks[0].training
+
+
 def test_adapter_errors(tiny_gpt2, trained_like, tmp_path):
     with pytest.raises(AdapterError, match="adapter not found"):
         read_adapter(tmp_path / "missing.safetensors")
