@@ -17,7 +17,9 @@ from spamlora.classifier import (
     load_classifier,
     parameter_counts,
 )
-from spamlora.inference import PackedLinear, can_pack_bf16, merged_for_inference, predict_logits
+from spamlora import packed
+from spamlora.inference import merged_for_inference, predict_logits
+from spamlora.packed import PackedLinear, can_pack_bf16
 from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.weights import load_gpt2
@@ -196,12 +198,10 @@ def bf16_kernel_bound(model, fp32_logits: np.ndarray) -> float:
 def bf16_path(request, monkeypatch):
     """Both bf16 inference paths on every CPU: the pre-packed oneDNN kernel where this
     CPU has it (else skipped, naming the feature) and autocast's plain one, forced."""
-    import spamlora.inference as inference
-
     if request.param == "native" and not can_pack_bf16():
         pytest.skip(NO_PACKING)
     if request.param == "autocast":
-        monkeypatch.setattr(inference, "can_pack_bf16", lambda: False)
+        monkeypatch.setattr(packed, "can_pack_bf16", lambda: False)
     return request.param
 
 
@@ -242,24 +242,22 @@ def test_a_messages_bf16_score_moves_with_batch_mates_only_by_rounding(trained_l
 def test_private_onednn_ops_missing_cost_speed_not_results(trained_like, monkeypatch):
     """Where a torch release lacks the private ops PackedLinear uses, bf16 inference
     takes autocast's Linear: no crash, and the same scores within bf16 rounding."""
-    import spamlora.inference as inference
-
     ids = batch_mates_case(trained_like)
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     fp32 = predict_logits(merged_for_inference(copy.deepcopy(trained_like)), ids, 0, 64, cpu)
     for missing in ("_reorder_linear_weight", "_linear_pointwise"):
-        real = inference.mkldnn_op
-        monkeypatch.setattr(inference, "mkldnn_op",
+        real = packed.mkldnn_op
+        monkeypatch.setattr(packed, "mkldnn_op",
                             lambda name, gone=missing, real=real: None if name == gone
                             else real(name))
-        inference.can_pack_bf16.cache_clear()
+        packed.can_pack_bf16.cache_clear()
         try:
             merged = merged_for_inference(copy.deepcopy(trained_like), bf16)
             assert not any(isinstance(m, PackedLinear) for m in merged.modules())
             got = predict_logits(merged, ids, 0, 64, cpu, bf16)
         finally:
             monkeypatch.undo()
-            inference.can_pack_bf16.cache_clear()
+            packed.can_pack_bf16.cache_clear()
         np.testing.assert_allclose(got, fp32, atol=bf16_kernel_bound(trained_like, fp32),
                                    rtol=0)
 

@@ -1,8 +1,7 @@
-"""Scoring with LoRA merged: length-sorted batches, and bf16 weights pre-packed for oneDNN."""
+"""Scoring with LoRA merged: length-sorted batches, and bf16 weights pre-packed for oneDNN
+(`packed`)."""
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from .classifier import freeze
 from .frozen import PrefixCache
 from .lora import merge
 from .model import GPTModel
+from .packed import pack_linears
 from .precision import attention_kernels, autocast, cast_frozen_linears
 
 
@@ -59,77 +59,6 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
         for module in training:
             module.training = True
     return out
-
-
-def mkldnn_op(name: str):
-    """One of torch's private oneDNN ops, or None where this torch release lacks it:
-    a torch upgrade that drops them costs the pre-packed speed-up, never a result."""
-    return getattr(torch.ops.mkldnn, name, None)
-
-
-class PackedLinear(nn.Module):
-    """A frozen bf16 Linear for CPU inference that keeps its weight pre-packed in oneDNN's
-    blocked layout. A plain weight is re-laid-out inside every oneDNN call; for the few
-    rows of a message or a short batch that costs as much as the product itself
-    (measured: 73 GEMMs of one 30-token message 17 → 11 ms, same values). Every input
-    takes the packed kernel, larger ones `PACKED_MAX_ROWS` rows at a time (where the plain
-    kernel would start to win), so the path is chosen per model, not per batch. Within
-    that path oneDNN still picks its blocking from a call's row count, so in bf16 a row's
-    product can differ by a rounding step with the rows beside it (see `can_pack_bf16`
-    for the fallback, and benchmarks/README.md for what that does to a message's score)."""
-
-    PACKED_MAX_ROWS = 256
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = mkldnn_op("_reorder_linear_weight")(linear.weight.detach())
-        self._product = mkldnn_op("_linear_pointwise")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Cast as autocast would for the Linear: the result is the same bf16 product.
-        rows = x.to(self.linear.weight.dtype).reshape(-1, self.in_features)
-        if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
-            out = self._product(rows, self.packed_weight, self.linear.bias, "none", [], "")
-        else:
-            out = torch.cat([self._product(chunk, self.packed_weight, self.linear.bias,
-                                           "none", [], "")
-                             for chunk in rows.split(self.PACKED_MAX_ROWS)])
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-@functools.cache
-def can_pack_bf16() -> bool:
-    """Whether this torch build and CPU pre-pack bf16 weights for oneDNN (it needs
-    AVX-512 BW/VL/DQ or AVX-NE-CONVERT; plain AVX2 CPUs cannot) and the packed product
-    agrees with the plain one. The ops are private: where one is missing, renamed or
-    changed, the answer is no and inference takes autocast's plain bf16 Linear."""
-    reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
-    if not torch.backends.mkldnn.is_available() or reorder is None or product is None:
-        return False
-    weight = torch.linspace(-1, 1, 64, dtype=torch.bfloat16).view(8, 8)
-    x = torch.linspace(-2, 2, 24, dtype=torch.bfloat16).view(3, 8)
-    try:
-        got = product(x, reorder(weight), None, "none", [], "")
-    except (RuntimeError, TypeError, AttributeError):
-        return False
-    return got.shape == (3, 8) and torch.allclose(got.float(), (x @ weight.T).float(),
-                                                  atol=2 ** -6, rtol=2 ** -7)
-
-
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Every bf16 CPU Linear of a frozen `model` replaced by a `PackedLinear`, in place;
-    a no-op where oneDNN cannot pack (another device, dtype, build or CPU)."""
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
-               and module.weight.dtype == torch.bfloat16]
-    if not targets or not can_pack_bf16():
-        return model
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, PackedLinear(linear))
-    return model
 
 
 class Fp32Head(nn.Module):

@@ -73,19 +73,26 @@ def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     is cast once rather than once per layer (benchmarks/README.md). A layer may wrap its
     Linear as `.linear` and add an update of its own: its class's
     `add_updates(x, layers, y)` adds those of all the layers to their joint output `y`,
-    as `lora.LinearWithLoRA` does. Other layers are simply called."""
+    as `lora.LinearWithLoRA` does. The Linears may also be of a class that computes
+    several side by side itself, `together(linears)` (`packed.PackedLinear`). Other
+    layers are simply called."""
     bases = [getattr(layer, "linear", layer) for layer in layers]
     wrappers = {type(layer) for layer in layers if layer is not getattr(layer, "linear", layer)}
+    together = getattr(type(bases[0]), "together", None)
     if len(layers) < 2 or len(wrappers) > 1 or not all(
-            hasattr(wrapper, "add_updates") for wrapper in wrappers) or not all(
+            hasattr(wrapper, "add_updates") for wrapper in wrappers) or not (all(
             type(base) is nn.Linear and base.bias is not None
-            and base.weight.dtype == bases[0].weight.dtype for base in bases):
+            and base.weight.dtype == bases[0].weight.dtype for base in bases) or (
+            together is not None and all(type(base) is type(bases[0]) for base in bases))):
         return [layer(x) for layer in layers]
     rows = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         rows = rows.to(torch.get_autocast_dtype(x.device.type))
-    y = F.linear(rows, side_by_side([base.weight for base in bases]),
-                 side_by_side([base.bias for base in bases]))
+    if together is not None:
+        y = together(bases)(rows)
+    else:
+        y = F.linear(rows, side_by_side([base.weight for base in bases]),
+                     side_by_side([base.bias for base in bases]))
     if wrappers:
         y = wrappers.pop().add_updates(rows, layers, y)
     return [part.view(*x.shape[:-1], -1)
