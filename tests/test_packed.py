@@ -28,6 +28,7 @@ def test_the_weight_is_packed_once_on_first_use():
         layer(torch.randn(3, 64))
     assert first is not None and layer._packed is first
     assert torch.equal(first.to_dense(), layer.original.weight)
+    assert not hasattr(layer, "weight")
 
 
 def test_project_computes_q_k_v_together_as_each_alone():
@@ -60,3 +61,16 @@ def test_only_frozen_bf16_cpu_linears_are_packed(monkeypatch):
     monkeypatch.setattr(packed, "can_pack_bf16", lambda: False)
     pack_linears(unpackable)
     assert type(unpackable[0]) is nn.Linear
+
+
+def test_a_packed_layer_refuses_a_merge_rather_than_go_stale():
+    """Folding LoRA into a packed Linear's weight would leave the packed copy stale: with
+    no `weight` to change, it fails loudly."""
+    from spamlora.lora import LinearWithLoRA
+
+    layer = LinearWithLoRA(frozen_bf16_linear(), rank=2, alpha=4)
+    model = nn.Sequential(layer)
+    pack_linears(model)
+    assert isinstance(layer.linear, PackedLinear)
+    with pytest.raises(AttributeError, match="weight"):
+        layer.merge()

@@ -46,21 +46,24 @@ class PackedLinear(nn.Module):
         self.original = original  # the Linear it stands for
         if original is not None:
             weight, bias = original.weight, original.bias
-        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.out_features, self.in_features = self.weight.shape
+        # No public `weight`: an in-place change to it (`lora.merge`) would leave the
+        # packed copy stale; without one such a change fails loudly instead.
+        self._plain = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.out_features, self.in_features = self._plain.shape
         self._packed: torch.Tensor | None = None
         self._product = mkldnn_op("_linear_pointwise")
-        self._joint: dict[tuple[int, ...], PackedLinear] = {}
+        self._joint: dict[tuple[PackedLinear, ...], PackedLinear] = {}
 
     @property
     def packed_weight(self) -> torch.Tensor:
         if self._packed is None:
-            self._packed = mkldnn_op("_reorder_linear_weight")(self.weight)
+            self._packed = mkldnn_op("_reorder_linear_weight")(self._plain)
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cast as autocast would for the Linear: the result is the same bf16 product.
-        rows = x.to(self.weight.dtype).reshape(-1, self.in_features)
+        rows = x.to(self._plain.dtype).reshape(-1, self.in_features)
         if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
             out = self._product(rows, self.packed_weight, self.bias, "none", [], "")
         else:
@@ -74,11 +77,11 @@ class PackedLinear(nn.Module):
         """One PackedLinear computing `layers`' outputs side by side (Q, K and V: one
         product of 3d outputs is faster than three of d, `model.project`), built on the
         first call and kept by the first layer."""
-        key = tuple(id(layer) for layer in layers)
+        key = tuple(layers)  # the layers themselves: ids could be reused
         joint = layers[0]._joint.get(key)
         if joint is None:
             biases = [layer.bias for layer in layers]
-            joint = PackedLinear(None, side_by_side([layer.weight for layer in layers]),
+            joint = PackedLinear(None, side_by_side([layer._plain for layer in layers]),
                                  None if any(b is None for b in biases) else
                                  side_by_side(biases))
             layers[0]._joint[key] = joint
