@@ -74,3 +74,29 @@ def test_a_packed_layer_refuses_a_merge_rather_than_go_stale():
     assert isinstance(layer.linear, PackedLinear)
     with pytest.raises(AttributeError, match="weight"):
         layer.merge()
+
+
+def test_no_gradient_is_asked_of_a_packed_layer():
+    layer = PackedLinear(frozen_bf16_linear())
+    with pytest.raises(RuntimeError, match="no gradient"):
+        layer(torch.randn(3, 64, requires_grad=True))
+    with torch.no_grad():
+        assert layer(torch.randn(3, 64, requires_grad=True)).shape == (3, 96)
+
+
+def test_layers_with_and_without_a_bias_are_not_joined():
+    """A joint product has one bias for all its outputs or none: a layer without one
+    among others with one is computed apart, not given the others' or lose its own."""
+    with_bias = PackedLinear(frozen_bf16_linear(64, 64, 0))
+    with torch.no_grad():
+        with_bias.original.bias.fill_(5.0)
+    without = PackedLinear(nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+                           .requires_grad_(False))
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        got = project(x, [with_bias, without])
+        want = [with_bias(x), without(x)]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="bias"):
+        PackedLinear.together([with_bias, without])

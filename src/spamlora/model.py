@@ -80,9 +80,10 @@ def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     wrappers = {type(layer) for layer in layers if layer is not getattr(layer, "linear", layer)}
     together = getattr(type(bases[0]), "together", None)
     if len(layers) < 2 or len(wrappers) > 1 or not all(
-            hasattr(wrapper, "add_updates") for wrapper in wrappers) or not (all(
-            type(base) is nn.Linear and base.bias is not None
-            and base.weight.dtype == bases[0].weight.dtype for base in bases) or (
+            hasattr(wrapper, "add_updates") for wrapper in wrappers) or not all(
+            getattr(base, "bias", None) is not None for base in bases) or not (all(
+            type(base) is nn.Linear and base.weight.dtype == bases[0].weight.dtype
+            for base in bases) or (
             together is not None and all(type(base) is type(bases[0]) for base in bases))):
         return [layer(x) for layer in layers]
     rows = x.reshape(-1, x.shape[-1])

@@ -4,8 +4,11 @@ CPU inference (`inference.merged_for_inference`).
 A plain weight is re-laid-out inside every oneDNN call; for the few rows of a message or
 a short batch that costs as much as the product itself (measured: one message's 73 GEMMs
 in 11 ms instead of 17, the same values; benchmarks/README.md). Training keeps plain
-weights: packed copies of the weight and its transpose cost ~390 MB of RSS for a step
-~3-8% faster (benchmarks/README.md).
+weights: packed copies of each weight and its transpose raised an epoch's peak RSS by
+~390 MB, past the 2 GB target, for steps 1-9% faster (benchmarks/README.md).
+
+A packed copy is made once and does not follow later in-place changes to the weight it
+was made from: pack a model after the last change to its frozen weights (LoRA merged).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class PackedLinear(nn.Module):
         self.original = original  # the Linear it stands for
         if original is not None:
             weight, bias = original.weight, original.bias
-        # No public `weight`: an in-place change to it (`lora.merge`) would leave the
-        # packed copy stale; without one such a change fails loudly instead.
+        # No public `weight`: `lora.merge` on a packed layer fails loudly rather than
+        # change a weight whose packed copy would not follow.
         self._plain = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.out_features, self.in_features = self._plain.shape
@@ -62,6 +65,8 @@ class PackedLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # the oneDNN op has no backward
+            raise RuntimeError("PackedLinear is for inference: no gradient flows through it")
         # Cast as autocast would for the Linear: the result is the same bf16 product.
         rows = x.to(self._plain.dtype).reshape(-1, self.in_features)
         if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
@@ -76,14 +81,15 @@ class PackedLinear(nn.Module):
     def together(layers: Sequence[PackedLinear]) -> PackedLinear:
         """One PackedLinear computing `layers`' outputs side by side (Q, K and V: one
         product of 3d outputs is faster than three of d, `model.project`), built on the
-        first call and kept by the first layer."""
+        first call and kept by the first layer. All with a bias, or all without."""
+        biases = [layer.bias for layer in layers]
+        if len({b is None for b in biases}) > 1:
+            raise ValueError("PackedLinear.together: some layers have a bias, some not")
         key = tuple(layers)  # the layers themselves: ids could be reused
         joint = layers[0]._joint.get(key)
         if joint is None:
-            biases = [layer.bias for layer in layers]
             joint = PackedLinear(None, side_by_side([layer._plain for layer in layers]),
-                                 None if any(b is None for b in biases) else
-                                 side_by_side(biases))
+                                 None if biases[0] is None else side_by_side(biases))
             layers[0]._joint[key] = joint
         return joint
 
