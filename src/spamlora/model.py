@@ -79,12 +79,12 @@ def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     bases = [getattr(layer, "linear", layer) for layer in layers]
     wrappers = {type(layer) for layer in layers if layer is not getattr(layer, "linear", layer)}
     together = getattr(type(bases[0]), "together", None)
-    if len(layers) < 2 or len(wrappers) > 1 or not all(
-            hasattr(wrapper, "add_updates") for wrapper in wrappers) or not all(
-            getattr(base, "bias", None) is not None for base in bases) or not (all(
-            type(base) is nn.Linear and base.weight.dtype == bases[0].weight.dtype
-            for base in bases) or (
-            together is not None and all(type(base) is type(bases[0]) for base in bases))):
+    same_kind = all(type(base) is type(bases[0]) for base in bases) and (
+        together is not None or type(bases[0]) is nn.Linear
+        and all(base.weight.dtype == bases[0].weight.dtype for base in bases))
+    if (len(layers) < 2 or not same_kind
+            or any(getattr(base, "bias", None) is None for base in bases)
+            or len(wrappers) > 1 or not all(hasattr(w, "add_updates") for w in wrappers)):
         return [layer(x) for layer in layers]
     rows = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
