@@ -242,7 +242,9 @@ def test_first_reads_only_the_first_token_and_mean_every_token(tiny_gpt2):
     changed = ids[:-1] + [9]
     for token in TOKENS:
         model.token = token
-        a, b = predict_logits(model, [ids, changed], 0, 2, CPU)
+        # Each message scored alone, so both sit at the same place in a GEMM of the same
+        # shape: two rows of one batch may round differently (AMX's fp32 kernels do).
+        a, b = (predict_logits(model, [t], 0, 1, CPU) for t in (ids, changed))
         assert np.array_equal(a, b) == (token == "first"), token
 
 
