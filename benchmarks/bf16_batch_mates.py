@@ -35,9 +35,9 @@ sys.path.insert(0, str(HERE.parent))
 from spamlora.adapter import AdapterSpec  # noqa: E402
 from spamlora.classifier import build_classifier  # noqa: E402
 from spamlora.inference import merged_for_inference, predict_logits  # noqa: E402
-from spamlora.packed import can_pack_bf16  # noqa: E402
 from spamlora.lora import LinearWithLoRA  # noqa: E402
 from spamlora.model import GPTConfig, GPTModel  # noqa: E402
+from spamlora.packed import can_pack_bf16  # noqa: E402
 from tests.conftest import BPE_DIR, SMS_FILE  # noqa: E402
 
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
