@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spamlora import packed
 from spamlora.adapter import AdapterError, AdapterSpec, read_adapter, save_adapter
 from spamlora.classifier import (
     add_lora,
@@ -17,11 +18,10 @@ from spamlora.classifier import (
     load_classifier,
     parameter_counts,
 )
-from spamlora import packed
 from spamlora.inference import merged_for_inference, predict_logits
-from spamlora.packed import PackedLinear, can_pack_bf16
 from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
+from spamlora.packed import PackedLinear, can_pack_bf16
 from spamlora.weights import load_gpt2
 
 from .conftest import downloaded, flip_bytes, make_hf_gpt2
@@ -145,7 +145,7 @@ def test_packed_linear_computes_what_autocast_computes(rows):
     if not can_pack_bf16():
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)
-    linear = nn.Linear(64, 96).to(torch.bfloat16)
+    linear = nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
     packed = PackedLinear(linear)
     x = torch.randn(rows, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -158,12 +158,12 @@ def test_packed_linear_computes_what_autocast_computes(rows):
 
 
 def test_packed_linear_takes_the_packed_kernel_for_every_row_count():
-    """Rows past PACKED_MAX_ROWS are packed too, a chunk at a time: a row's product does
+    """Rows past PACKED_MAX_ROWS are packed too, in equal chunks: a row's product does
     not change with the rows beside it."""
     if not can_pack_bf16():
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)
-    packed = PackedLinear(nn.Linear(64, 96).to(torch.bfloat16))
+    packed = PackedLinear(nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False))
     x = torch.randn(2, 3 * PackedLinear.PACKED_MAX_ROWS + 7, 64)
     together = packed(x)
     alone = torch.stack([packed(row.view(1, 64)) for row in x.reshape(-1, 64)])

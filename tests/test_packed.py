@@ -1,5 +1,8 @@
-"""Frozen bf16 Linears pre-packed for oneDNN (inference): packed once, on first use, and
-Q, K and V read through one joint product with the outputs each gives alone."""
+"""Frozen bf16 Linears pre-packed for oneDNN: packed once, on first use, and Q, K and V
+read through one joint product with the outputs each gives alone; in training, the
+input's gradient from a packed transpose, and the model's own Linears back after."""
+
+import contextlib
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from torch import nn
 
 from spamlora import packed
 from spamlora.model import project
-from spamlora.packed import PackedLinear, can_pack_bf16, pack_linears
+from spamlora.packed import PackedLinear, can_pack_bf16, pack_linears, packed_for_training
 
 pytestmark = pytest.mark.skipif(
     not can_pack_bf16(), reason="oneDNN cannot pre-pack bf16 weights on this CPU (needs "
@@ -76,12 +79,62 @@ def test_a_packed_layer_refuses_a_merge_rather_than_go_stale():
         layer.merge()
 
 
-def test_no_gradient_is_asked_of_a_packed_layer():
-    layer = PackedLinear(frozen_bf16_linear())
-    with pytest.raises(RuntimeError, match="no gradient"):
-        layer(torch.randn(3, 64, requires_grad=True))
+@pytest.mark.parametrize("rows", [5, PackedLinear.PACKED_MAX_ROWS + 7])
+def test_a_packed_layer_gives_the_linears_output_and_input_gradient(rows):
+    """The bf16 product and input gradient the Linear gives under autocast, within a
+    bf16 rounding step (oneDNN blocks a packed weight its own way), also past
+    PACKED_MAX_ROWS (chunks); no gradient for the frozen weight; the output is the
+    product itself, not a view (LoRA adds to it in place: `LinearWithLoRA.add_updates`)."""
+    linear = frozen_bf16_linear(64, 96)
+    layer = PackedLinear(linear)
+    x = torch.randn(rows, 64)
+    g = torch.randn(rows, 96)
+    got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(got_x), linear(want_x)
+    assert got.dtype == want.dtype == torch.bfloat16 and got._base is None
+    (got.float() * g).sum().backward()
+    (want.float() * g).sum().backward()
+    torch.testing.assert_close(got, want, atol=2 ** -5, rtol=2 ** -7)
+    torch.testing.assert_close(got_x.grad, want_x.grad, atol=2 ** -5, rtol=2 ** -7)
+    assert got_x.grad.dtype == torch.float32
+    assert linear.weight.grad is None and linear.bias.grad is None
+    assert torch.equal(layer._packed_transpose.to_dense(), linear.weight.T)
     with torch.no_grad():
-        assert layer(torch.randn(3, 64, requires_grad=True)).shape == (3, 96)
+        assert layer(x).shape == (rows, 96)
+        assert layer(x.view(1, rows, 64)).shape == (1, rows, 96)
+
+
+def test_a_trained_linear_is_not_packed():
+    with pytest.raises(ValueError, match="frozen"):
+        PackedLinear(nn.Linear(4, 4).to(torch.bfloat16))
+
+
+def test_training_packs_frozen_linears_and_gives_the_models_own_back_however_it_ends():
+    """Inside `packed_for_training` the frozen bf16 Linears are PackedLinears (LoRA's
+    stay wrapped around them); after it, returned or raised, the very Linear objects are
+    back with their weights, so `lora.merge` and saving see the model as it was."""
+    from spamlora.lora import LinearWithLoRA
+
+    adapted = LinearWithLoRA(frozen_bf16_linear(64, 64), rank=2, alpha=4)
+    model = nn.Sequential(adapted, frozen_bf16_linear(64, 32), nn.Linear(32, 2))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    linears = [adapted.linear, model[1]]
+    for raised in (False, True):
+        with pytest.raises(KeyError) if raised else contextlib.nullcontext():
+            with packed_for_training(model):
+                assert type(adapted.linear) is PackedLinear and type(model[1]) is PackedLinear
+                assert type(model[2]) is nn.Linear  # trained: not packed
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(torch.randn(3, 64)).float().sum().backward()
+                if raised:
+                    raise KeyError("stopped")
+        assert [adapted.linear, model[1]] == linears
+        state = model.state_dict()
+        assert state.keys() == before.keys()
+        assert all(torch.equal(state[k], v) for k, v in before.items()
+                   if not k.startswith(("0.lora", "2.")))
+    assert adapted.lora.B.grad is not None and model[2].weight.grad is not None
 
 
 def test_layers_with_and_without_a_bias_are_not_joined():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spamlora import batching
+from spamlora import batching, packed
 from spamlora.adapter import AdapterSpec, save_adapter
 from spamlora.checkpoint import Checkpoints
 from spamlora.classifier import build_classifier
@@ -91,6 +91,32 @@ def test_padding_mode_does_not_change_the_first_step(tiny_gpt2):
 def test_bf16_autocast_trains_with_fp32_master_weights(tiny_gpt2):
     history, _ = run(tiny_gpt2, PARAMS, dtype=torch.bfloat16)
     assert history.epochs[-1].val_accuracy >= 0.9
+
+
+@pytest.mark.skipif(not packed.can_pack_bf16(), reason="oneDNN cannot pre-pack bf16 "
+                    "weights on this CPU (needs AVX-512 BW/VL/DQ or AMX)")
+def test_bf16_training_on_packed_frozen_weights_follows_the_plain_ones(tiny_gpt2,
+                                                                       monkeypatch):
+    """Where oneDNN can, the frozen Linears train from pre-packed weights (each weight
+    and its transpose packed once): the same steps as on the plain weights, within bf16
+    rounding, and the model holds its own Linears again after."""
+    made = []
+    reorder = packed.mkldnn_op("_reorder_linear_weight")
+    monkeypatch.setattr(packed, "mkldnn_op", lambda name: (
+        (lambda w: made.append(w.shape) or reorder(w)) if name == "_reorder_linear_weight"
+        else torch.ops.mkldnn.__getattr__(name)))
+    on_packed, _ = run(tiny_gpt2, PARAMS, dtype=torch.bfloat16)
+    # Per block one joint Q, K and V, the attention output, the MLP's two: each weight
+    # and its transpose, once for the whole training; but the first block's Q, K and V
+    # read the frozen embeddings, whose gradient nothing needs: no transpose.
+    blocks = load_gpt2(tiny_gpt2).cfg.n_layers
+    assert len(made) == 2 * 4 * blocks - 1
+    monkeypatch.setattr(packed, "can_pack_bf16", lambda: False)
+    on_plain, _ = run(tiny_gpt2, PARAMS, dtype=torch.bfloat16)
+    np.testing.assert_allclose(on_packed.step_losses, on_plain.step_losses, rtol=0,
+                               atol=2e-2)
+    assert [e.val_accuracy for e in on_packed.epochs] == pytest.approx(
+        [e.val_accuracy for e in on_plain.epochs], abs=0.05)
 
 
 @pytest.mark.parametrize("trainable", ["lora", "all"])

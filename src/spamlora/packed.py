@@ -1,20 +1,21 @@
 """Frozen bf16 Linears with their weights pre-packed in oneDNN's blocked layout, for
-CPU inference (`inference.merged_for_inference`).
+CPU inference (`inference.merged_for_inference`) and training (`packed_for_training`).
 
 A plain weight is re-laid-out inside every oneDNN call; for the few rows of a message or
 a short batch that costs as much as the product itself (measured: one message's 73 GEMMs
-in 11 ms instead of 17, the same values; benchmarks/README.md). Training keeps plain
-weights: packed copies of each weight and its transpose raised an epoch's peak RSS by
-~390 MB, past the 2 GB target, for steps 1-9% faster (benchmarks/README.md).
+in 11 ms instead of 17, the same values; benchmarks/README.md). A training step's packed
+row of ~250 tokens is short too: its frozen products, and its input gradients from a
+packed copy of each weight's transpose, made steps ~5% faster on an AMX Xeon, for
+~320 MB more peak RSS (benchmarks/README.md).
 
 A packed copy is made once and does not follow later in-place changes to the weight it
-was made from: pack a model after the last change to its frozen weights (LoRA merged).
-"""
+was made from: pack a model after the last change to its frozen weights (LoRA merged)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,26 +29,44 @@ def mkldnn_op(name: str):
     return getattr(torch.ops.mkldnn, name, None)
 
 
+class _FrozenProduct(torch.autograd.Function):
+    """``rows @ W.T + b`` with W and b frozen: the forward from the packed weight, the
+    input's gradient ``g @ W`` from its packed transpose; none for W or b."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.product(rows, layer.packed_weight, layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer = ctx.layer
+        return layer.product(grad.contiguous(), layer.packed_transpose, None), None
+
+
 class PackedLinear(nn.Module):
-    """A frozen bf16 CPU Linear for inference whose weight is kept pre-packed for oneDNN
-    (the module docstring says why), packed on first use: Q, K and V are read through
-    one joint PackedLinear (`together`) and never pack their own.
+    """A frozen bf16 CPU Linear whose weight is kept pre-packed for oneDNN (the module
+    docstring says why), packed on first use: Q, K and V are read through one joint
+    PackedLinear (`together`) and never pack their own. The input's gradient flows (from
+    a packed copy of the transpose, made at the first backward); the weight's and the
+    bias's do not: they are frozen.
 
-    Every input takes the packed kernel, larger ones `PACKED_MAX_ROWS` rows at a time
-    (where the plain kernel started to win on the machine it was measured on), so the
-    path is chosen per model, not per batch. Within that path oneDNN still picks its
-    blocking from a call's row count, so in bf16 a row's product can differ by a
-    rounding step with the rows beside it (see `can_pack_bf16` for the fallback, and
-    benchmarks/README.md for what that does to a message's score). No gradient flows
-    through it."""
+    Every input takes the packed kernel, larger ones in equal chunks of at most
+    `PACKED_MAX_ROWS` rows (past ~450 rows the plain kernel won, on an AMX Xeon, by up
+    to 1.5x), so the path is chosen per model, not per batch. Within that path oneDNN
+    still picks its blocking from a call's row count, so in bf16 a row's product can
+    differ by a rounding step with the rows beside it (see `can_pack_bf16` for the
+    fallback, and benchmarks/README.md for what that does to a message's score)."""
 
-    PACKED_MAX_ROWS = 256
+    PACKED_MAX_ROWS = 384
 
     def __init__(self, original: nn.Linear | None, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.original = original  # the Linear it stands for
         if original is not None:
+            if any(p.requires_grad for p in original.parameters()):
+                raise ValueError("PackedLinear is for frozen Linears: this one trains")
             weight, bias = original.weight, original.bias
         # No public `weight`: `lora.merge` on a packed layer fails loudly rather than
         # change a weight whose packed copy would not follow.
@@ -55,6 +74,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
         self.out_features, self.in_features = self._plain.shape
         self._packed: torch.Tensor | None = None
+        self._packed_transpose: torch.Tensor | None = None
         self._product = mkldnn_op("_linear_pointwise")
         self._joint: dict[tuple[PackedLinear, ...], PackedLinear] = {}
 
@@ -64,18 +84,34 @@ class PackedLinear(nn.Module):
             self._packed = mkldnn_op("_reorder_linear_weight")(self._plain)
         return self._packed
 
+    @property
+    def packed_transpose(self) -> torch.Tensor:
+        """The weight's transpose, packed: the input gradient's product is ``g @ W``."""
+        if self._packed_transpose is None:
+            self._packed_transpose = mkldnn_op("_reorder_linear_weight")(
+                self._plain.t().contiguous())
+        return self._packed_transpose
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # the oneDNN op has no backward
-            raise RuntimeError("PackedLinear is for inference: no gradient flows through it")
         # Cast as autocast would for the Linear: the result is the same bf16 product.
         rows = x.to(self._plain.dtype).reshape(-1, self.in_features)
-        if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
-            out = self._product(rows, self.packed_weight, self.bias, "none", [], "")
+        if rows.requires_grad and torch.is_grad_enabled():
+            out = _FrozenProduct.apply(rows, self)
         else:
-            out = torch.cat([self._product(chunk, self.packed_weight, self.bias, "none",
-                                           [], "")
-                             for chunk in rows.split(self.PACKED_MAX_ROWS)])
-        return out.view(*x.shape[:-1], self.out_features)
+            out = self.product(rows, self.packed_weight, self.bias)
+        # 2-D in, the product itself out, not a view of it: an in-place update of a view
+        # (LoRA's, `LinearWithLoRA.add_updates`) costs its backward two extra copies.
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
+    def product(self, rows: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """``rows @ W.T + bias`` for a packed W, in as few equal chunks of at most
+        `PACKED_MAX_ROWS` rows as it takes."""
+        if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
+            return self._product(rows, packed, bias, "none", [], "")
+        chunks = -(-len(rows) // self.PACKED_MAX_ROWS)
+        return torch.cat([self._product(chunk, packed, bias, "none", [], "")
+                          for chunk in rows.tensor_split(chunks)])
 
     @staticmethod
     def together(layers: Sequence[PackedLinear]) -> PackedLinear:
@@ -113,17 +149,38 @@ def can_pack_bf16() -> bool:
                                                   atol=2 ** -6, rtol=2 ** -7)
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Every frozen bf16 CPU Linear of `model` replaced by a `PackedLinear`, in place; a
-    no-op where oneDNN cannot pack (another device, dtype, build or CPU). For inference:
-    no gradient flows through them."""
+def _frozen_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, Linear) of every frozen bf16 CPU Linear of `model`, or none where
+    oneDNN cannot pack (another device, dtype, build or CPU)."""
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.device.type == "cpu"
                and module.weight.dtype == torch.bfloat16
                and not any(p.requires_grad for p in module.parameters())]
     if not targets or not can_pack_bf16():
-        return model
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, PackedLinear(linear))
+        return []
+    return [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], linear)
+            for name, linear in targets]
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Every frozen bf16 CPU Linear of `model` replaced by a `PackedLinear`, in place, for
+    good (inference)."""
+    for parent, name, linear in _frozen_linears(model):
+        parent.register_module(name, PackedLinear(linear))
     return model
+
+
+@contextlib.contextmanager
+def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every frozen bf16 CPU Linear computed from pre-packed weights while
+    the block runs (the input's gradient too), its own Linears back after it, however it
+    ends. The packed copies (the weight and its transpose, ~340 MB for GPT-2 124M) live
+    as long as the block."""
+    swapped = _frozen_linears(model)
+    for parent, name, linear in swapped:
+        parent.register_module(name, PackedLinear(linear))
+    try:
+        yield model
+    finally:
+        for parent, name, linear in swapped:
+            parent.register_module(name, linear)

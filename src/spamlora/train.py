@@ -23,6 +23,7 @@ from .config import TrainParams
 from .errors import Interrupted
 from .inference import predict_logits
 from .model import GPTModel
+from .packed import packed_for_training
 from .precision import attention_kernels, autocast, cast_frozen_linears
 
 # Validation is inference: larger batches cost nothing in accuracy.
@@ -132,130 +133,136 @@ def train_classifier(
     Where the embeddings and the first blocks are frozen (`frozen.frozen_blocks`), the
     hidden states entering the first trained block are computed once for each message
     of both splits and steps run the blocks after them only; `cache_frozen=False`
-    computes every step in full (the reference the cached steps are tested against)."""
+    computes every step in full (the reference the cached steps are tested against).
+
+    Where oneDNN can (bf16 on a CPU with AVX-512 or AMX), frozen Linears compute from
+    pre-packed copies of their weights while training runs, validation and the cache
+    included (`packed.packed_for_training`), and are the model's own Linears again after."""
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
     cast_frozen_linears(model.to(device), dtype).store_qkv_together()
-    rank, world = distributed.rank_and_world()
-    net = model
-    if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                      else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all the tensors, where the per-tensor loop ran ~10 small ops
-    # on each of LoRA's ~150 (8.9 -> 3.2 ms a step on GPT-2 124M, benchmarks/README.md)
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  fused=device.type in FUSED_ADAMW_DEVICES)
-    labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
-    lengths = [len(t) for t in train_ids]
-    pad_to = max_length if params.padding == "max_length" else None
-    context = model.cfg.context_length
-    state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
-                      history=asdict(History()))
-    if resumable:
-        restored = resumable.checkpoints.restore(model, optimizer, generator, rank)
-        if restored is not None:
-            state = restored
+    # ~5% a step on GPT-2 124M (benchmarks/README.md), for ~340 MB of packed copies
+    with packed_for_training(model):
+        rank, world = distributed.rank_and_world()
+        net = model
+        if world > 1:
+            net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                          else None)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel for all the tensors, where the per-tensor loop ran ~10 small ops
+        # on each of LoRA's ~150 (8.9 -> 3.2 ms a step on GPT-2 124M, benchmarks/README.md)
+        optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
+                                      fused=device.type in FUSED_ADAMW_DEVICES)
+        labels_all = torch.tensor(np.array(train_labels), dtype=torch.long)
+        lengths = [len(t) for t in train_ids]
+        pad_to = max_length if params.padding == "max_length" else None
+        context = model.cfg.context_length
+        state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
+                          history=asdict(History()))
+        if resumable:
+            restored = resumable.checkpoints.restore(model, optimizer, generator, rank)
+            if restored is not None:
+                state = restored
+                if rank == 0:
+                    print(f"resuming from {state.where}")
+        history = History.from_dict(state.history)
+        # Built after any restore, from weights no checkpoint holds: a resumed training
+        # rebuilds the very values an uninterrupted one computed.
+        caches = frozen.prefix_caches(model, train_ids, val_ids, pad_id, EVAL_BATCH_SIZE,
+                                      device, dtype) if cache_frozen else None
+        train_cache, val_cache = caches or (None, None)
+        if caches and rank == 0:
+            print(f"the embeddings and first {train_cache.block} blocks are frozen: their "
+                  f"output is computed once ({(train_cache.nbytes + val_cache.nbytes) / 2**20:.1f}"
+                  f" MB kept)", flush=True)
+        step, seen, last_save = state.step, state.seen, time.monotonic()
+        began, seconds_before = time.perf_counter(), history.seconds
+
+        def clock() -> None:
+            history.seconds = seconds_before + time.perf_counter() - began
+
+        def save(epoch: int, batch: int, order_state: torch.Tensor, sums: tuple) -> None:
+            """Every process calls it at the same step: each one's generators are gathered
+            for rank 0 to write."""
+            nonlocal last_save
+            last_save = time.monotonic()
+            if resumable is None:
+                return
+            rng_states = distributed.gather_states(generator_states())
+            if rank != 0:
+                return
+            clock()
+            loop = LoopState(epoch, batch, step, seen, *sums, history=asdict(history))
+            if resumable.checkpoints.save(model, optimizer, order_state, loop,
+                                          resumable.run_id, rng_states) and resumable.on_saved:
+                resumable.on_saved(history)
+
+        for epoch in range(state.epoch, params.epochs + 1):
+            model.train()
+            order_state = generator.get_state()
+            order = batching.training_order(lengths, params.batch_size, generator,
+                                            params.group_by_length)
+            skip = state.batch if epoch == state.epoch else 0
+            loss_sum, correct, count = ((state.loss_sum, state.correct, state.count) if skip
+                                        else (0.0, 0.0, 0))
+            bar = tqdm(order[skip:], desc=f"epoch {epoch}/{params.epochs}", initial=skip,
+                       total=len(order), disable=None if rank == 0 else True)
+            progress = Progress(rank == 0 and bar.disable, seen)
+            for batch_number, index in enumerate(bar, start=skip + 1):
+                # A process whose share is empty (a last batch smaller than the world) still
+                # runs a zero-weighted example: DDP needs every process in every step.
+                share = index[rank::world]
+                weight = 1.0 if share else 0.0
+                rows = share or index[:1]
+                if params.padding == "packed":
+                    batch = batching.pack(train_ids, rows, pad_id, context, batching.PAD_MULTIPLE)
+                else:
+                    batch = batching.collate(train_ids, rows, pad_id, pad_to,
+                                             batching.PAD_MULTIPLE, max_length)
+                batch = (batch if train_cache is None else train_cache.feed(batch)).to(device)
+                labels = labels_all[batch.index].to(device)
+                with autocast(device, dtype), attention_kernels(device, training=True):
+                    logits = batch.logits(net)
+                local_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * weight
+                optimizer.zero_grad(set_to_none=True)
+                (local_sum * world / len(index)).backward()  # DDP averages over processes
+                optimizer.step()
+                stop = resumable is not None and resumable.should_stop()
+                due = resumable is not None and time.monotonic() - last_save >= resumable.seconds
+                # Agreed by all processes, as saving gathers from each.
+                batch_loss_sum, batch_correct, stops, dues = distributed.all_sum(
+                    [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight,
+                     float(stop), float(due)])
+                step += 1
+                seen += len(index)
+                loss_sum += batch_loss_sum
+                correct += batch_correct
+                count += len(index)
+                history.step_losses.append(batch_loss_sum / len(index))
+                history.step_epochs.append(epoch)
+                history.step_examples.append(seen)
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+                progress.step(f"epoch {epoch}/{params.epochs}, step {batch_number}/{len(order)}",
+                              loss_sum / count, seen)
+                if on_step:
+                    on_step(step, batch_loss_sum / len(index))
+                if stops:
+                    save(epoch, batch_number, order_state, (loss_sum, correct, count))
+                    raise Interrupted(f"training stopped at {epoch=}, {step=}; rerun to resume")
+                if dues:
+                    save(epoch, batch_number, order_state, (loss_sum, correct, count))
+            val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype,
+                                        val_cache)
+            val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
+            record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
+            history.epochs.append(record)
             if rank == 0:
-                print(f"resuming from {state.where}")
-    history = History.from_dict(state.history)
-    # Built after any restore, from weights no checkpoint holds: a resumed training
-    # rebuilds the very values an uninterrupted one computed.
-    caches = frozen.prefix_caches(model, train_ids, val_ids, pad_id, EVAL_BATCH_SIZE,
-                                  device, dtype) if cache_frozen else None
-    train_cache, val_cache = caches or (None, None)
-    if caches and rank == 0:
-        print(f"the embeddings and first {train_cache.block} blocks are frozen: their "
-              f"output is computed once ({(train_cache.nbytes + val_cache.nbytes) / 2**20:.1f}"
-              f" MB kept)", flush=True)
-    step, seen, last_save = state.step, state.seen, time.monotonic()
-    began, seconds_before = time.perf_counter(), history.seconds
-
-    def clock() -> None:
-        history.seconds = seconds_before + time.perf_counter() - began
-
-    def save(epoch: int, batch: int, order_state: torch.Tensor, sums: tuple) -> None:
-        """Every process calls it at the same step: each one's generators are gathered
-        for rank 0 to write."""
-        nonlocal last_save
-        last_save = time.monotonic()
-        if resumable is None:
-            return
-        rng_states = distributed.gather_states(generator_states())
-        if rank != 0:
-            return
+                print(f"epoch {epoch}/{params.epochs}: train loss {record.train_loss:.4f}, "
+                      f"accuracy {record.train_accuracy:.4f}; validation loss {val_loss:.4f}, "
+                      f"accuracy {val_acc:.4f}", flush=True)
+            if on_epoch:
+                on_epoch(record)
+            # Also after the last: stopped while writing its outputs, the stage resumes here.
+            save(epoch + 1, 0, generator.get_state(), (0.0, 0.0, 0))
         clock()
-        loop = LoopState(epoch, batch, step, seen, *sums, history=asdict(history))
-        if resumable.checkpoints.save(model, optimizer, order_state, loop,
-                                      resumable.run_id, rng_states) and resumable.on_saved:
-            resumable.on_saved(history)
-
-    for epoch in range(state.epoch, params.epochs + 1):
-        model.train()
-        order_state = generator.get_state()
-        order = batching.training_order(lengths, params.batch_size, generator,
-                                        params.group_by_length)
-        skip = state.batch if epoch == state.epoch else 0
-        loss_sum, correct, count = ((state.loss_sum, state.correct, state.count) if skip
-                                    else (0.0, 0.0, 0))
-        bar = tqdm(order[skip:], desc=f"epoch {epoch}/{params.epochs}", initial=skip,
-                   total=len(order), disable=None if rank == 0 else True)
-        progress = Progress(rank == 0 and bar.disable, seen)
-        for batch_number, index in enumerate(bar, start=skip + 1):
-            # A process whose share is empty (a last batch smaller than the world) still
-            # runs a zero-weighted example: DDP needs every process in every step.
-            share = index[rank::world]
-            weight = 1.0 if share else 0.0
-            rows = share or index[:1]
-            if params.padding == "packed":
-                batch = batching.pack(train_ids, rows, pad_id, context, batching.PAD_MULTIPLE)
-            else:
-                batch = batching.collate(train_ids, rows, pad_id, pad_to,
-                                         batching.PAD_MULTIPLE, max_length)
-            batch = (batch if train_cache is None else train_cache.feed(batch)).to(device)
-            labels = labels_all[batch.index].to(device)
-            with autocast(device, dtype), attention_kernels(device, training=True):
-                logits = batch.logits(net)
-            local_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * weight
-            optimizer.zero_grad(set_to_none=True)
-            (local_sum * world / len(index)).backward()  # DDP averages over processes
-            optimizer.step()
-            stop = resumable is not None and resumable.should_stop()
-            due = resumable is not None and time.monotonic() - last_save >= resumable.seconds
-            # Agreed by all processes, as saving gathers from each.
-            batch_loss_sum, batch_correct, stops, dues = distributed.all_sum(
-                [local_sum.item(), (logits.argmax(1) == labels).sum().item() * weight,
-                 float(stop), float(due)])
-            step += 1
-            seen += len(index)
-            loss_sum += batch_loss_sum
-            correct += batch_correct
-            count += len(index)
-            history.step_losses.append(batch_loss_sum / len(index))
-            history.step_epochs.append(epoch)
-            history.step_examples.append(seen)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
-            progress.step(f"epoch {epoch}/{params.epochs}, step {batch_number}/{len(order)}",
-                          loss_sum / count, seen)
-            if on_step:
-                on_step(step, batch_loss_sum / len(index))
-            if stops:
-                save(epoch, batch_number, order_state, (loss_sum, correct, count))
-                raise Interrupted(f"training stopped at {epoch=}, {step=}; rerun to resume")
-            if dues:
-                save(epoch, batch_number, order_state, (loss_sum, correct, count))
-        val_logits = predict_logits(model, val_ids, pad_id, EVAL_BATCH_SIZE, device, dtype,
-                                    val_cache)
-        val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(val_labels))
-        record = EpochRecord(epoch, loss_sum / count, correct / count, val_loss, val_acc, seen)
-        history.epochs.append(record)
-        if rank == 0:
-            print(f"epoch {epoch}/{params.epochs}: train loss {record.train_loss:.4f}, "
-                  f"accuracy {record.train_accuracy:.4f}; validation loss {val_loss:.4f}, "
-                  f"accuracy {val_acc:.4f}", flush=True)
-        if on_epoch:
-            on_epoch(record)
-        # Also after the last: stopped while writing its outputs, the stage resumes here.
-        save(epoch + 1, 0, generator.get_state(), (0.0, 0.0, 0))
-    clock()
-    return history
+        return history
