@@ -2,11 +2,14 @@
 
     python benchmarks/profile_step.py                 # GPT-2 124M, the real training split
     python benchmarks/profile_step.py --size tiny     # a quick check of the script
+    python benchmarks/profile_step.py --cases spamlora spamlora-grouped peer-tuned
 
 Profiles training steps of spamlora's own loop (`train_classifier`, the pipeline's
 defaults: packed random batches, `precision: auto`) and of transformers + peft (the
 tuned peer of train_speed.py: dropout 0, bf16 autocast where spamlora would use bf16,
-random padded batches), each in its own process, on the same messages. Each step's CPU
+random padded batches), each in its own process, on the same messages; on request
+(`--cases`) also spamlora with padded batches of similar length (`train.padding: batch`,
+`group_by_length: true`), to see what packing costs or saves on this CPU. Each step's CPU
 time is split by operator (the profiler's self time) into the frozen GEMMs (forward and
 input gradient), the LoRA products, the head, attention, GELU, LayerNorm, casts, the
 optimizer and the rest. For the GEMMs, the achieved GFLOPS stand beside the ceiling:
@@ -37,8 +40,10 @@ README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- profile:start -->", "<!-- profile:end -->"
 WARMUP_STEPS, PROFILED_STEPS = 4, 12
 # GEMM operators and the position of their first matrix among their inputs
+# oneDNN's product with a pre-packed weight (`packed.PackedLinear`): x @ W.T, W (N, K)
+PACKED = "mkldnn::_linear_pointwise"
 GEMMS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0,
-         "aten::baddbmm": 1}
+         "aten::baddbmm": 1, PACKED: 0}
 PARTS = ("frozen GEMM forward", "frozen GEMM input-grad", "LoRA products", "head",
          "attention", "GELU", "LayerNorm", "casts", "optimizer", "other")
 
@@ -59,6 +64,8 @@ def gemm_dims(event) -> tuple[int, int, int, int] | None:
     if first is None:
         return None
     a, b = event.input_shapes[first], event.input_shapes[first + 1]
+    if event.name == PACKED:
+        return 1, a[0], a[1], b[0]
     if len(a) == 3:
         return a[0], a[1], a[2], b[2]
     return 1, a[0], a[1], b[1]
@@ -109,8 +116,9 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
 
     prof.start()
     state["t"] = time.perf_counter()
-    if case == "spamlora":
-        info = spamlora_steps(data_dir, model_dir, limit, on_step)
+    if case.startswith("spamlora"):
+        info = spamlora_steps(data_dir, model_dir, limit, on_step,
+                              grouped=case == "spamlora-grouped")
     else:
         info = peer_steps(data_dir, model_dir, limit, on_step)
     prof.stop()
@@ -162,12 +170,15 @@ def gemm_ceilings(shapes: dict, torch) -> dict[str, float]:
     dtypes = {"float": torch.float32, "c10::BFloat16": torch.bfloat16,
               "c10::Half": torch.float16}
     flops, seconds = defaultdict(float), defaultdict(float)
-    for (part, _op, (sa, sb), (ta, tb), dtype), entry in shapes.items():
+    for (part, gemm, (sa, sb), (ta, tb), dtype), entry in shapes.items():
         dt = dtypes.get(dtype)
         if dt is None:
             continue
         a = torch.empty_strided(sa, ta, dtype=dt).normal_()
-        b = torch.empty_strided(sb, tb, dtype=dt).normal_()
+        if gemm == PACKED:  # beside the plain GEMM the packed weight stands in for
+            b = torch.empty(sb, dtype=dt).normal_().t()
+        else:
+            b = torch.empty_strided(sb, tb, dtype=dt).normal_()
         op = torch.bmm if len(sa) == 3 else torch.mm
         for _ in range(3):
             op(a, b)
@@ -183,8 +194,10 @@ def gemm_ceilings(shapes: dict, torch) -> dict[str, float]:
     return {p: flops[p] / seconds[p] / 1e9 for p in flops if seconds[p]}
 
 
-def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step) -> dict:
-    """The pipeline's training loop on the first `limit` messages, one epoch."""
+def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step,
+                   grouped: bool = False) -> dict:
+    """The pipeline's training loop on the first `limit` messages, one epoch; `grouped`:
+    padded batches of similar length instead of packed random ones."""
     from spamlora import batching
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
@@ -197,7 +210,8 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step) -> dict
 
     train = train_speed.load_split(data_dir, "train", limit)
     params = TrainParams(epochs=1, batch_size=train_speed.BATCH, lr=train_speed.LR,
-                         weight_decay=train_speed.WEIGHT_DECAY, seed=train_speed.SEED)
+                         weight_decay=train_speed.WEIGHT_DECAY, seed=train_speed.SEED,
+                         padding="batch" if grouped else "packed", group_by_length=grouped)
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
@@ -215,8 +229,10 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step) -> dict
                                     torch.Generator().manual_seed(params.seed),
                                     params.group_by_length)
     tokens = [sum(len(ids[i]) for i in index) for index in order]
-    computed = [batching.pack(ids, index, tokenizer.pad_id, base.cfg.context_length,
-                              batching.PAD_MULTIPLE).ids.numel() for index in order]
+    computed = [(batching.collate(ids, index, tokenizer.pad_id, None, batching.PAD_MULTIPLE,
+                                  max_length) if grouped else
+                 batching.pack(ids, index, tokenizer.pad_id, base.cfg.context_length,
+                               batching.PAD_MULTIPLE)).ids.numel() for index in order]
     # No validation pass: a single message, after the profiled steps.
     train_classifier(model, ids, train["label"].to_numpy(), ids[:1],
                      train["label"].to_numpy()[:1], params, tokenizer.pad_id, max_length,
@@ -319,6 +335,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("gpt2", "tiny"), default="gpt2")
     parser.add_argument("--steps", type=int, default=PROFILED_STEPS)
+    parser.add_argument("--cases", nargs="+", default=["spamlora", "peer-tuned"],
+                        choices=("spamlora", "spamlora-grouped", "peer-tuned"))
     parser.add_argument("--out", type=Path, help="the JSON report (default: results/)")
     parser.add_argument("--readme", action="store_true",
                         help="write the table into benchmarks/README.md")
@@ -334,7 +352,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, model_dir = train_speed.prepare(Path(tmp), args.size)
         cases = {}
-        for case in ("spamlora", "peer-tuned"):
+        for case in args.cases:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", case, "--dirs", str(data_dir),
                  str(model_dir), "--steps", str(args.steps)],
