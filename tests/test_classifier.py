@@ -158,8 +158,8 @@ def test_packed_linear_computes_what_autocast_computes(rows):
 
 
 def test_packed_linear_takes_the_packed_kernel_for_every_row_count():
-    """Rows past PACKED_MAX_ROWS are packed too, in equal chunks: a row's product does
-    not change with the rows beside it."""
+    """Rows past PACKED_MAX_ROWS are packed too, in equal chunks: a row's product stays
+    within a bf16 rounding step of its product alone."""
     if not can_pack_bf16():
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)

@@ -137,6 +137,18 @@ def test_training_packs_frozen_linears_and_gives_the_models_own_back_however_it_
     assert adapted.lora.B.grad is not None and model[2].weight.grad is not None
 
 
+def test_training_lets_go_of_the_joint_products_it_made():
+    """Q, K and V's joint product is kept by the first layer, under a key holding that
+    layer: after the block nothing keeps it (no cycle left for the collector)."""
+    model = nn.Sequential(*(frozen_bf16_linear(64, 64, seed) for seed in range(3)))
+    with packed_for_training(model):
+        first = model[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            project(torch.randn(3, 64, requires_grad=True), list(model))
+        assert len(first._joint) == 1
+    assert not first._joint and type(model[0]) is nn.Linear
+
+
 def test_layers_with_and_without_a_bias_are_not_joined():
     """A joint product has one bias for all its outputs or none: a layer without one
     among others with one is computed apart, not given the others' or lose its own."""

@@ -12,6 +12,7 @@ from spamlora.checkpoint import Checkpoints
 from spamlora.classifier import build_classifier
 from spamlora.config import TrainParams
 from spamlora.errors import Interrupted
+from spamlora.lora import lora_layers
 from spamlora.tokenizer import Tokenizer
 from spamlora.train import Resumable, train_classifier
 from spamlora.weights import load_gpt2
@@ -32,7 +33,9 @@ def separable_task(tokenizer):
 
 
 def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumable=None,
-        dropout=0.0):
+        dropout=0.0, models=None):
+    """Train a tiny classifier on a separable task; `models`, a list: the trained model
+    appended to it."""
     tokenizer = Tokenizer(folder)
     base = load_gpt2(folder)
     spec = AdapterSpec("tiny", base.cfg, rank=4, alpha=8, dropout=dropout, max_length=64,
@@ -46,6 +49,8 @@ def run(folder, params: TrainParams, dtype=torch.float32, tmp_path=None, resumab
                                resumable=resumable)
     if tmp_path is not None:
         save_adapter(model, spec, tmp_path)
+    if models is not None:
+        models.append(model)
     return history, steps
 
 
@@ -105,7 +110,10 @@ def test_bf16_training_on_packed_frozen_weights_follows_the_plain_ones(tiny_gpt2
     monkeypatch.setattr(packed, "mkldnn_op", lambda name: (
         (lambda w: made.append(w.shape) or reorder(w)) if name == "_reorder_linear_weight"
         else torch.ops.mkldnn.__getattr__(name)))
-    on_packed, _ = run(tiny_gpt2, PARAMS, dtype=torch.bfloat16)
+    models = []
+    on_packed, _ = run(tiny_gpt2, PARAMS, dtype=torch.bfloat16, models=models)
+    assert not any(isinstance(m, packed.PackedLinear) for m in models[0].modules())
+    assert all(type(m.linear) is torch.nn.Linear for m in lora_layers(models[0]))
     # Per block one joint Q, K and V, the attention output, the MLP's two: each weight
     # and its transpose, once for the whole training; but the first block's Q, K and V
     # read the frozen embeddings, whose gradient nothing needs: no transpose.

@@ -5,8 +5,8 @@ A plain weight is re-laid-out inside every oneDNN call; for the few rows of a me
 a short batch that costs as much as the product itself (measured: one message's 73 GEMMs
 in 11 ms instead of 17, the same values; benchmarks/README.md). A training step's packed
 row of ~250 tokens is short too: its frozen products, and its input gradients from a
-packed copy of each weight's transpose, made steps ~5% faster on an AMX Xeon, for
-~320 MB more peak RSS (benchmarks/README.md).
+packed copy of each weight's transpose, made epochs ~7% faster on an AMX Xeon, for
+~370 MB more peak RSS (benchmarks/README.md).
 
 A packed copy is made once and does not follow later in-place changes to the weight it
 was made from: pack a model after the last change to its frozen weights (LoRA merged)."""
@@ -176,11 +176,17 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     the block runs (the input's gradient too), its own Linears back after it, however it
     ends. The packed copies (the weight and its transpose, ~340 MB for GPT-2 124M) live
     as long as the block."""
-    swapped = _frozen_linears(model)
-    for parent, name, linear in swapped:
-        parent.register_module(name, PackedLinear(linear))
+    swapped: list[tuple[nn.Module, str, nn.Linear, PackedLinear]] = []
     try:
+        for parent, name, linear in _frozen_linears(model):
+            packed = PackedLinear(linear)
+            parent.register_module(name, packed)
+            swapped.append((parent, name, linear, packed))
         yield model
     finally:
-        for parent, name, linear in swapped:
+        for parent, name, linear, packed in swapped:
             parent.register_module(name, linear)
+            # A joint layer is kept by its first layer under a key holding that layer:
+            # a cycle that would keep the packed copies past the block until Python's
+            # cycle collector ran.
+            packed._joint.clear()
