@@ -146,7 +146,7 @@ def test_packed_linear_computes_what_autocast_computes(rows):
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)
     linear = nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
-    packed = PackedLinear(linear)
+    packed = PackedLinear.of(linear)
     x = torch.randn(rows, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = linear(x)
@@ -163,7 +163,7 @@ def test_packed_linear_takes_the_packed_kernel_for_every_row_count():
     if not can_pack_bf16():
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)
-    packed = PackedLinear(nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False))
+    packed = PackedLinear.of(nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False))
     x = torch.randn(2, 3 * PackedLinear.PACKED_MAX_ROWS + 7, 64)
     together = packed(x)
     alone = torch.stack([packed(row.view(1, 64)) for row in x.reshape(-1, 64)])

@@ -1,15 +1,22 @@
-"""Frozen bf16 Linears pre-packed for oneDNN: packed once, on first use, and Q, K and V
-read through one joint product with the outputs each gives alone; in training, the
-input's gradient from a packed transpose, and the model's own Linears back after."""
+"""Frozen bf16 Linears pre-packed for oneDNN: packed when made, holding no plain copy,
+and Q, K and V stored together read as parts of one joint product with the outputs each
+gives alone; in training, the input's gradient from a packed transpose, the plain weights
+let go while packed, and the model's own Linears back after with their weights bit for
+bit."""
 
 import contextlib
+import gc
+import subprocess
+import sys
+import textwrap
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 from spamlora import packed
-from spamlora.model import project
+from spamlora.model import project, stored_together
 from spamlora.packed import PackedLinear, can_pack_bf16, pack_linears, packed_for_training
 
 pytestmark = pytest.mark.skipif(
@@ -22,23 +29,76 @@ def frozen_bf16_linear(in_dim=64, out_dim=96, seed=0):
     return nn.Linear(in_dim, out_dim).to(torch.bfloat16).requires_grad_(False)
 
 
-def test_the_weight_is_packed_once_on_first_use():
-    layer = PackedLinear(frozen_bf16_linear())
-    assert layer._packed is None
-    with torch.inference_mode():
-        layer(torch.randn(5, 64))
-        first = layer._packed
-        layer(torch.randn(3, 64))
-    assert first is not None and layer._packed is first
-    assert torch.equal(first.to_dense(), layer.original.weight)
+def test_a_packed_layer_holds_its_weight_packed_and_gives_it_back_bit_for_bit():
+    linear = frozen_bf16_linear()
+    layer = PackedLinear.of(linear)
+    assert torch.equal(layer.dense_weight(), linear.weight)
     assert not hasattr(layer, "weight")
+    weight = weakref.ref(linear.weight)
+    del linear
+    gc.collect()
+    assert weight() is None  # no plain copy kept
+
+
+def store_together(linears):
+    """The Linears with their weights and biases one after another in one tensor, as
+    `GPTModel.store_qkv_together` lays out Q, K and V."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            params = [getattr(linear, name) for linear in linears]
+            joint = torch.cat(params)
+            for p, part in zip(params, joint.split([len(p) for p in params]), strict=True):
+                p.data = part
+    return linears
+
+
+def test_layers_stored_together_are_packed_as_parts_of_one_joint_layer():
+    """Q, K and V stored together become parts of one packed layer: `project` reads them
+    through it, each alone gives its columns of it, and a subset or another order is
+    computed from their weights instead, with the same outputs."""
+    linears = store_together([frozen_bf16_linear(64, n, seed)
+                               for seed, n in enumerate((64, 32, 48))])
+    model = nn.Sequential(*linears)
+    pack_linears(model)
+    parts = list(model)
+    assert all(type(part) is packed.PackedPart for part in parts)
+    joint = parts[0].joint
+    assert all(part.joint is joint for part in parts) and joint.out_features == 144
+    assert PackedLinear.together(parts) is joint
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [linear(x) for linear in linears]
+        alone = [part(x) for part in parts]
+        assert all(out.is_contiguous() for out in alone)  # LoRA adds to it in place
+        for outputs in (project(x, parts), alone):
+            for got, expected in zip(outputs, want, strict=True):
+                assert got.shape == expected.shape
+                torch.testing.assert_close(got, expected, atol=2 ** -5, rtol=2 ** -7)
+        for subset in ([parts[1], parts[2]], [parts[2], parts[1], parts[0]]):
+            assert PackedLinear.together(subset) is not joint
+            for got, expected in zip(project(x, subset), [part(x) for part in subset],
+                                     strict=True):
+                torch.testing.assert_close(got, expected, atol=2 ** -5, rtol=2 ** -7)
+    for part, linear in zip(parts, linears, strict=True):
+        assert torch.equal(part.dense_weight(), linear.weight)
+        assert torch.equal(part.bias, linear.bias)
+
+
+def test_packing_for_inference_lets_go_of_the_plain_weights():
+    linears = store_together([frozen_bf16_linear(64, 64, seed) for seed in range(3)])
+    model = nn.Sequential(*linears, frozen_bf16_linear(64, 16))
+    weights = [weakref.ref(linear.weight) for linear in model]
+    del linears
+    pack_linears(model)
+    gc.collect()
+    assert [w() for w in weights] == [None] * 4
 
 
 def test_project_computes_q_k_v_together_as_each_alone():
     """`model.project` reads PackedLinears side by side through one joint product, built
     once (from their weights as they lie, no copy where stored together): the outputs
     each layer gives alone, and the layers' own weights never packed."""
-    layers = [PackedLinear(frozen_bf16_linear(64, 64, seed)) for seed in range(3)]
+    layers = [PackedLinear.of(frozen_bf16_linear(64, 64, seed)) for seed in range(3)]
     x = torch.randn(2, 7, 64)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         joint = project(x, layers)
@@ -86,7 +146,7 @@ def test_a_packed_layer_gives_the_linears_output_and_input_gradient(rows):
     PACKED_MAX_ROWS (chunks); no gradient for the frozen weight; the output is the
     product itself, not a view (LoRA adds to it in place: `LinearWithLoRA.add_updates`)."""
     linear = frozen_bf16_linear(64, 96)
-    layer = PackedLinear(linear)
+    layer = PackedLinear.of(linear)
     x = torch.randn(rows, 64)
     g = torch.randn(rows, 96)
     got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -107,34 +167,60 @@ def test_a_packed_layer_gives_the_linears_output_and_input_gradient(rows):
 
 def test_a_trained_linear_is_not_packed():
     with pytest.raises(ValueError, match="frozen"):
-        PackedLinear(nn.Linear(4, 4).to(torch.bfloat16))
+        PackedLinear.of(nn.Linear(4, 4).to(torch.bfloat16))
 
 
 def test_training_packs_frozen_linears_and_gives_the_models_own_back_however_it_ends():
-    """Inside `packed_for_training` the frozen bf16 Linears are PackedLinears (LoRA's
-    stay wrapped around them); after it, returned or raised, the very Linear objects are
-    back with their weights, so `lora.merge` and saving see the model as it was."""
+    """Inside `packed_for_training` the frozen bf16 Linears are packed (LoRA's stay
+    wrapped around them; Linears stored together as parts of one joint layer) and the
+    Linears' plain weights are let go; after it, returned or raised, the very Linear
+    objects are back with bit-identical weights, stored as they were, so `lora.merge` and
+    saving see the model as it was."""
     from spamlora.lora import LinearWithLoRA
 
     adapted = LinearWithLoRA(frozen_bf16_linear(64, 64), rank=2, alpha=4)
-    model = nn.Sequential(adapted, frozen_bf16_linear(64, 32), nn.Linear(32, 2))
+    qkv = store_together([frozen_bf16_linear(64, 64, seed) for seed in range(1, 4)])
+    model = nn.Sequential(adapted, *qkv, frozen_bf16_linear(64, 32), nn.Linear(32, 2))
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    linears = [adapted.linear, model[1]]
+    linears = [adapted.linear, *model[1:5]]
+
+    def forward(x):
+        h = model[0](x)
+        return model[5](model[4](sum(project(h, list(model[1:4])))))
+
     for raised in (False, True):
         with pytest.raises(KeyError) if raised else contextlib.nullcontext():
             with packed_for_training(model):
-                assert type(adapted.linear) is PackedLinear and type(model[1]) is PackedLinear
-                assert type(model[2]) is nn.Linear  # trained: not packed
+                assert type(adapted.linear) is PackedLinear and type(model[4]) is PackedLinear
+                assert all(type(m) is packed.PackedPart for m in model[1:4])
+                assert type(model[5]) is nn.Linear  # trained: not packed
+                assert all(linear.weight.numel() == 0 for linear in linears)  # let go
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    model(torch.randn(3, 64)).float().sum().backward()
+                    forward(torch.randn(3, 64)).float().sum().backward()
                 if raised:
                     raise KeyError("stopped")
-        assert [adapted.linear, model[1]] == linears
+        assert [adapted.linear, *model[1:5]] == linears
         state = model.state_dict()
         assert state.keys() == before.keys()
         assert all(torch.equal(state[k], v) for k, v in before.items()
-                   if not k.startswith(("0.lora", "2.")))
-    assert adapted.lora.B.grad is not None and model[2].weight.grad is not None
+                   if not k.startswith(("0.lora", "5.")))
+        assert stored_together([linear.weight for linear in qkv])
+    assert adapted.lora.B.grad is not None and model[5].weight.grad is not None
+
+
+def test_training_keeps_a_plain_weight_its_packed_copy_would_not_give_back(monkeypatch):
+    """A weight is let go only where the packed copy gives it back bit for bit: were a
+    torch release's round trip not exact, the plain weights stay, untouched."""
+    linear = frozen_bf16_linear(64, 64)
+    model = nn.Sequential(linear)
+    before = linear.weight.clone()
+    real = PackedLinear.dense_weight
+    monkeypatch.setattr(PackedLinear, "dense_weight",
+                        lambda self: real(self) + torch.finfo(torch.bfloat16).eps)
+    with packed_for_training(model):
+        assert type(model[0]) is PackedLinear
+        assert torch.equal(linear.weight, before)  # kept
+    assert model[0] is linear and torch.equal(linear.weight, before)
 
 
 def test_training_lets_go_of_the_joint_products_it_made():
@@ -152,10 +238,11 @@ def test_training_lets_go_of_the_joint_products_it_made():
 def test_layers_with_and_without_a_bias_are_not_joined():
     """A joint product has one bias for all its outputs or none: a layer without one
     among others with one is computed apart, not given the others' or lose its own."""
-    with_bias = PackedLinear(frozen_bf16_linear(64, 64, 0))
+    linear = frozen_bf16_linear(64, 64, 0)
     with torch.no_grad():
-        with_bias.original.bias.fill_(5.0)
-    without = PackedLinear(nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+        linear.bias.fill_(5.0)
+    with_bias = PackedLinear.of(linear)
+    without = PackedLinear.of(nn.Linear(64, 64, bias=False).to(torch.bfloat16)
                            .requires_grad_(False))
     x = torch.randn(2, 3, 64)
     with torch.inference_mode():
@@ -165,3 +252,23 @@ def test_layers_with_and_without_a_bias_are_not_joined():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="bias"):
         PackedLinear.together([with_bias, without])
+
+
+def test_a_block_never_left_does_not_abort_the_interpreter_at_exit():
+    """A `packed_for_training` block abandoned (its generator never closed) ends while
+    the interpreter exits: giving the weights back then would run torch ops on a torch
+    half torn down, which aborts the process (SIGABRT, an internal assert)."""
+    script = textwrap.dedent("""
+        import contextlib, torch
+        from torch import nn
+        from spamlora.packed import packed_for_training
+        model = nn.Sequential(nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(False))
+        stack = contextlib.ExitStack()
+        stack.enter_context(packed_for_training(model))
+        assert model[0].__class__.__name__ == "PackedLinear"
+        print("left open")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "left open"

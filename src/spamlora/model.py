@@ -53,17 +53,23 @@ def side_by_side(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`torch.cat(tensors)`, or, for frozen tensors that already lie one after another in
     one storage (`GPTModel.store_qkv_together`), a view of that memory: no copy."""
     first = tensors[0]
+    if stored_together(tensors):
+        return first.as_strided((sum(len(t) for t in tensors), *first.shape[1:]),
+                                first.stride())
+    return torch.cat(tensors)
+
+
+def stored_together(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether frozen `tensors` lie one after another, in this order, in one storage."""
+    first = tensors[0]
     offset = first.storage_offset()
     for t in tensors:
         if (t.requires_grad or not t.is_contiguous() or t.shape[1:] != first.shape[1:]
                 or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
                 or t.storage_offset() != offset):
-            break
+            return False
         offset += t.numel()
-    else:
-        return first.as_strided((sum(len(t) for t in tensors), *first.shape[1:]),
-                                first.stride())
-    return torch.cat(tensors)
+    return True
 
 
 def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:

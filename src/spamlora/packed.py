@@ -6,21 +6,26 @@ a short batch that costs as much as the product itself (measured: one message's 
 in 11 ms instead of 17, the same values; benchmarks/README.md). A training step's packed
 row of ~250 tokens is short too: its frozen products, and its input gradients from a
 packed copy of each weight's transpose, made epochs ~7% faster on an AMX Xeon, for
-~370 MB more peak RSS (benchmarks/README.md).
+~0.2 GB more peak RSS, the plain weights let go (benchmarks/README.md).
 
-A packed copy is made once and does not follow later in-place changes to the weight it
-was made from: pack a model after the last change to its frozen weights (LoRA merged)."""
+A packed layer holds its weight only packed (the plain one is let go with the Linear, or
+while training runs), so packing adds no copy of the weights. A packed copy does not
+follow later in-place changes to the weight it was made from: pack a model after the last
+change to its frozen weights (LoRA merged)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .model import side_by_side
+from .model import side_by_side, stored_together
 
 
 def mkldnn_op(name: str):
@@ -45,11 +50,11 @@ class _FrozenProduct(torch.autograd.Function):
 
 
 class PackedLinear(nn.Module):
-    """A frozen bf16 CPU Linear whose weight is kept pre-packed for oneDNN (the module
-    docstring says why), packed on first use: Q, K and V are read through one joint
-    PackedLinear (`together`) and never pack their own. The input's gradient flows (from
-    a packed copy of the transpose, made at the first backward); the weight's and the
-    bias's do not: they are frozen.
+    """A frozen bf16 CPU Linear whose weight is held only pre-packed for oneDNN (the
+    module docstring says why): packed when the layer is made, and no plain copy kept,
+    so a packed model holds its weights once. The input's gradient flows (from a packed
+    copy of the transpose, made at the first backward); the weight's and the bias's do
+    not: they are frozen. `dense_weight()` gives the weight back, bit for bit.
 
     Every input takes the packed kernel, larger ones in equal chunks of at most
     `PACKED_MAX_ROWS` rows (past ~450 rows the plain kernel won, on an AMX Xeon, by up
@@ -60,41 +65,37 @@ class PackedLinear(nn.Module):
 
     PACKED_MAX_ROWS = 384
 
-    def __init__(self, original: nn.Linear | None, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.original = original  # the Linear it stands for
-        if original is not None:
-            if any(p.requires_grad for p in original.parameters()):
-                raise ValueError("PackedLinear is for frozen Linears: this one trains")
-            weight, bias = original.weight, original.bias
+        self.out_features, self.in_features = weight.shape
         # No public `weight`: `lora.merge` on a packed layer fails loudly rather than
         # change a weight whose packed copy would not follow.
-        self._plain = weight.detach()
+        self.packed_weight = mkldnn_op("_reorder_linear_weight")(weight.detach())
         self.bias = None if bias is None else bias.detach()
-        self.out_features, self.in_features = self._plain.shape
-        self._packed: torch.Tensor | None = None
         self._packed_transpose: torch.Tensor | None = None
         self._product = mkldnn_op("_linear_pointwise")
-        self._joint: dict[tuple[PackedLinear, ...], PackedLinear] = {}
+        self._joint: dict[tuple[nn.Module, ...], PackedLinear] = {}
 
-    @property
-    def packed_weight(self) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = mkldnn_op("_reorder_linear_weight")(self._plain)
-        return self._packed
+    @classmethod
+    def of(cls, linear: nn.Linear) -> PackedLinear:
+        if any(p.requires_grad for p in linear.parameters()):
+            raise ValueError("PackedLinear is for frozen Linears: this one trains")
+        return cls(linear.weight, linear.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.packed_weight.to_dense()
 
     @property
     def packed_transpose(self) -> torch.Tensor:
         """The weight's transpose, packed: the input gradient's product is ``g @ W``."""
         if self._packed_transpose is None:
             self._packed_transpose = mkldnn_op("_reorder_linear_weight")(
-                self._plain.t().contiguous())
+                self.dense_weight().t().contiguous())
         return self._packed_transpose
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cast as autocast would for the Linear: the result is the same bf16 product.
-        rows = x.to(self._plain.dtype).reshape(-1, self.in_features)
+        rows = x.to(self.packed_weight.dtype).reshape(-1, self.in_features)
         if rows.requires_grad and torch.is_grad_enabled():
             out = _FrozenProduct.apply(rows, self)
         else:
@@ -114,20 +115,79 @@ class PackedLinear(nn.Module):
                           for chunk in rows.tensor_split(chunks)])
 
     @staticmethod
-    def together(layers: Sequence[PackedLinear]) -> PackedLinear:
+    def together(layers: Sequence[PackedLinear | PackedPart]) -> PackedLinear:
         """One PackedLinear computing `layers`' outputs side by side (Q, K and V: one
-        product of 3d outputs is faster than three of d, `model.project`), built on the
-        first call and kept by the first layer. All with a bias, or all without."""
+        product of 3d outputs is faster than three of d, `model.project`): the joint
+        layer they are the parts of, all of it in order; else one packed from their
+        weights, built on the first call and kept by the first layer. All with a bias,
+        or all without."""
         biases = [layer.bias for layer in layers]
         if len({b is None for b in biases}) > 1:
             raise ValueError("PackedLinear.together: some layers have a bias, some not")
+        joint = PackedPart.whole(layers)
+        if joint is not None:
+            return joint
         key = tuple(layers)  # the layers themselves: ids could be reused
         joint = layers[0]._joint.get(key)
         if joint is None:
-            joint = PackedLinear(None, side_by_side([layer._plain for layer in layers]),
-                                 None if biases[0] is None else side_by_side(biases))
+            joint = PackedLinear(torch.cat([layer.dense_weight() for layer in layers]),
+                                 None if biases[0] is None else torch.cat(biases))
             layers[0]._joint[key] = joint
         return joint
+
+
+class PackedPart(nn.Module):
+    """One of several frozen Linears whose weights lie one after another in one storage
+    (Q, K and V: `GPTModel.store_qkv_together`), packed together as one joint
+    PackedLinear: `project` reads them all through it (`PackedLinear.together`); alone,
+    a part gives its own columns of the joint product. Made by `PackedPart.split`."""
+
+    def __init__(self, joint: PackedLinear, start: int, stop: int):
+        super().__init__()
+        # Not a child module: the joint layer belongs to all its parts alike.
+        object.__setattr__(self, "joint", joint)
+        self.start, self.stop = start, stop
+        self.out_features, self.in_features = stop - start, joint.in_features
+        self.bias = None if joint.bias is None else joint.bias[start:stop]
+        self._joint: dict[tuple[nn.Module, ...], PackedLinear] = {}
+
+    @staticmethod
+    def split(linears: Sequence[nn.Linear]) -> list[PackedPart]:
+        """`linears` (frozen, all with a bias or all without) packed as one joint layer
+        from their weights side by side (no copy where they are stored together), a
+        part for each."""
+        if any(p.requires_grad for linear in linears for p in linear.parameters()):
+            raise ValueError("PackedPart is for frozen Linears: one of these trains")
+        joint = PackedLinear(side_by_side([linear.weight for linear in linears]),
+                             None if linears[0].bias is None
+                             else side_by_side([linear.bias for linear in linears]))
+        stops = itertools.accumulate(linear.out_features for linear in linears)
+        return [PackedPart(joint, stop - linear.out_features, stop)
+                for linear, stop in zip(linears, stops, strict=True)]
+
+    @staticmethod
+    def whole(layers: Sequence[nn.Module]) -> PackedLinear | None:
+        """The joint layer `layers` are all the parts of, in order, or None."""
+        joint = getattr(layers[0], "joint", None)
+        spans = [(getattr(layer, "joint", None), getattr(layer, "start", None),
+                  getattr(layer, "stop", None)) for layer in layers]
+        bounds = [0] + [stop for _, _, stop in spans]
+        if joint is None or bounds[-1] != joint.out_features or any(
+                j is not joint or start != bound
+                for (j, start, _), bound in zip(spans, bounds, strict=False)):
+            return None
+        return joint
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.joint.dense_weight()[self.start:self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        # Its own tensor, not a view (`PackedLinear.forward` says why).
+        out = self.joint(rows)[:, self.start:self.stop].contiguous()
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
+    together = staticmethod(PackedLinear.together)
 
 
 @functools.cache
@@ -149,44 +209,107 @@ def can_pack_bf16() -> bool:
                                                   atol=2 ** -6, rtol=2 ** -7)
 
 
-def _frozen_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, name, Linear) of every frozen bf16 CPU Linear of `model`, or none where
-    oneDNN cannot pack (another device, dtype, build or CPU)."""
+Frozen = tuple[nn.Module, str, nn.Linear]  # a frozen Linear: (parent, name, Linear)
+
+
+def _frozen_linears(model: nn.Module) -> list[list[Frozen]]:
+    """Every frozen bf16 CPU Linear of `model`, or none where oneDNN cannot pack (another
+    device, dtype, build or CPU), in groups: those whose weights lie one after another
+    in one storage (`GPTModel.store_qkv_together`), each with a bias or each without, in
+    storage order; each other Linear alone."""
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.device.type == "cpu"
                and module.weight.dtype == torch.bfloat16
                and not any(p.requires_grad for p in module.parameters())]
     if not targets or not can_pack_bf16():
         return []
-    return [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], linear)
-            for name, linear in targets]
+    by_storage: dict[int, list[Frozen]] = {}
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        by_storage.setdefault(linear.weight.untyped_storage().data_ptr(), []).append(
+            (model.get_submodule(parent), child, linear))
+    groups = []
+    for frozen in by_storage.values():
+        frozen.sort(key=lambda f: f[2].weight.storage_offset())
+        linears = [linear for _, _, linear in frozen]
+        if (len(linears) > 1 and stored_together([linear.weight for linear in linears])
+                and len({linear.bias is None for linear in linears}) == 1):
+            groups.append(frozen)
+        else:
+            groups.extend([f] for f in frozen)
+    return groups
+
+
+def _packed(group: list[Frozen]) -> list[PackedLinear | PackedPart]:
+    linears = [linear for _, _, linear in group]
+    return [PackedLinear.of(linears[0])] if len(linears) == 1 else PackedPart.split(linears)
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Every frozen bf16 CPU Linear of `model` replaced by a `PackedLinear`, in place, for
-    good (inference)."""
-    for parent, name, linear in _frozen_linears(model):
-        parent.register_module(name, PackedLinear(linear))
+    """Every frozen bf16 CPU Linear of `model` replaced by a `PackedLinear` (Q, K and V
+    stored together by `PackedPart`s of one), in place, for good (inference): the plain
+    weights are let go with the Linears."""
+    for group in _frozen_linears(model):
+        for (parent, name, _), layer in zip(group, _packed(group), strict=True):
+            parent.register_module(name, layer)
     return model
 
 
 @contextlib.contextmanager
 def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     """`model` with every frozen bf16 CPU Linear computed from pre-packed weights while
-    the block runs (the input's gradient too), its own Linears back after it, however it
-    ends. The packed copies (the weight and its transpose, ~340 MB for GPT-2 124M) live
-    as long as the block."""
-    swapped: list[tuple[nn.Module, str, nn.Linear, PackedLinear]] = []
+    the block runs (the input's gradient too), its own Linears back after it, with the
+    very weights they had, however it ends. While it runs, the Linears' plain weights are
+    let go where their packed copies give them back bit for bit (checked): the packed
+    copies, the weights and their transposes, ~340 MB for GPT-2 124M, then replace
+    ~170 MB of plain ones instead of adding to them."""
+    swapped: list[_Swap] = []
     try:
-        for parent, name, linear in _frozen_linears(model):
-            packed = PackedLinear(linear)
-            parent.register_module(name, packed)
-            swapped.append((parent, name, linear, packed))
+        for group in _frozen_linears(model):
+            swap = _Swap(group, _packed(group))
+            swapped.append(swap)
+            for (parent, name, _), layer in zip(group, swap.layers, strict=True):
+                parent.register_module(name, layer)
+            weights = [linear.weight for _, _, linear in group]
+            if torch.equal(_dense(swap.layers), side_by_side(weights)):
+                swap.released = True  # before: a weight let go is always given back
+                for weight in weights:
+                    weight.data = weight.data.new_empty(0)
         yield model
     finally:
-        for parent, name, linear, packed in swapped:
+        # A block never left before the interpreter exits (an abandoned generator) ends
+        # here while torch is torn down: its ops would abort the process, and nothing
+        # reads the model again.
+        if not sys.is_finalizing():
+            _give_back(swapped)
+
+
+def _give_back(swapped: list[_Swap]) -> None:
+    """The Linears in their places again, with the weights let go rebuilt from the packed
+    copies, which are let go in turn."""
+    while swapped:
+        swap = swapped.pop()
+        if swap.released:
+            # Views of one tensor, as they were stored (`side_by_side` reads them so).
+            dense = _dense(swap.layers)
+            sizes = [layer.out_features for layer in swap.layers]
+            for (_, _, linear), part in zip(swap.group, dense.split(sizes), strict=True):
+                linear.weight.data = part
+        for (parent, name, linear), layer in zip(swap.group, swap.layers, strict=True):
             parent.register_module(name, linear)
-            # A joint layer is kept by its first layer under a key holding that layer:
-            # a cycle that would keep the packed copies past the block until Python's
-            # cycle collector ran.
-            packed._joint.clear()
+            # A joint layer is kept by its first layer under a key holding that layer: a
+            # cycle that would keep the packed copies past the block until Python's cycle
+            # collector ran.
+            layer._joint.clear()
+
+
+@dataclasses.dataclass
+class _Swap:
+    group: list[Frozen]
+    layers: list[PackedLinear | PackedPart]
+    released: bool = False  # the Linears' weights let go, to be rebuilt from `layers`
+
+
+def _dense(layers: list[PackedLinear | PackedPart]) -> torch.Tensor:
+    """The weights of a group's packed layers, one after another, in one tensor."""
+    return (layers[0].joint if isinstance(layers[0], PackedPart) else layers[0]).dense_weight()

@@ -141,7 +141,7 @@ def train_classifier(
     torch.manual_seed(params.seed)  # LoRA dropout draws from the global generator
     generator = torch.Generator().manual_seed(params.seed)
     cast_frozen_linears(model.to(device), dtype).store_qkv_together()
-    # ~7% faster epochs of GPT-2 124M on an AMX Xeon, for ~370 MB more peak RSS
+    # ~7% faster epochs of GPT-2 124M on an AMX Xeon, for ~0.2 GB more peak RSS
     # (benchmarks/README.md)
     with packed_for_training(model):
         rank, world = distributed.rank_and_world()
