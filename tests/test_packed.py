@@ -254,6 +254,21 @@ def test_layers_with_and_without_a_bias_are_not_joined():
         PackedLinear.together([with_bias, without])
 
 
+def test_training_keeps_a_weight_another_module_also_uses():
+    """A Linear's weight tied to another module's (GPT-2's head and token embedding) is
+    not let go while packed: the other module reads it as before."""
+    embedding = nn.Embedding(96, 64).to(torch.bfloat16).requires_grad_(False)
+    head = nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    head.weight = embedding.weight
+    model = nn.Sequential(embedding, head)
+    before = embedding.weight.clone()
+    with packed_for_training(model):
+        assert type(model[1]) is PackedLinear
+        assert torch.equal(model[0](torch.tensor([3, 5])), before[[3, 5]])
+    assert model[1] is head and head.weight is embedding.weight
+    assert torch.equal(embedding.weight, before)
+
+
 def test_a_block_never_left_does_not_abort_the_interpreter_at_exit():
     """A `packed_for_training` block abandoned (its generator never closed) ends while
     the interpreter exits: giving the weights back then would run torch ops on a torch

@@ -15,6 +15,7 @@ change to its frozen weights (LoRA merged)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -264,6 +265,9 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     copies, the weights and their transposes, ~340 MB for GPT-2 124M, then replace
     ~170 MB of plain ones instead of adding to them."""
     swapped: list[_Swap] = []
+    # A weight another module also uses (tied, as GPT-2's head and token embedding) is
+    # kept: letting it go would take it from that module too.
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     try:
         for group in _frozen_linears(model):
             swap = _Swap(group, _packed(group))
@@ -271,7 +275,8 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
             for (parent, name, _), layer in zip(group, swap.layers, strict=True):
                 parent.register_module(name, layer)
             weights = [linear.weight for _, _, linear in group]
-            if torch.equal(_dense(swap.layers), side_by_side(weights)):
+            if all(uses[id(w)] == 1 for w in weights) and torch.equal(
+                    _dense(swap.layers), side_by_side(weights)):
                 swap.released = True  # before: a weight let go is always given back
                 for weight in weights:
                     weight.data = weight.data.new_empty(0)
