@@ -9,15 +9,21 @@ import gc
 import subprocess
 import sys
 import textwrap
-import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from spamlora import packed
 from spamlora.model import project, stored_together
-from spamlora.packed import PackedLinear, can_pack_bf16, pack_linears, packed_for_training
+from spamlora.packed import (
+    PackedLinear,
+    PackedPart,
+    can_pack_bf16,
+    pack_linears,
+    packed_for_training,
+)
 
 pytestmark = pytest.mark.skipif(
     not can_pack_bf16(), reason="oneDNN cannot pre-pack bf16 weights on this CPU (needs "
@@ -34,10 +40,10 @@ def test_a_packed_layer_holds_its_weight_packed_and_gives_it_back_bit_for_bit():
     layer = PackedLinear.of(linear)
     assert torch.equal(layer.dense_weight(), linear.weight)
     assert not hasattr(layer, "weight")
-    weight = weakref.ref(linear.weight)
+    memory = StorageWeakRef(linear.weight.untyped_storage())
     del linear
     gc.collect()
-    assert weight() is None  # no plain copy kept
+    assert memory.expired()  # no plain copy, nor a view of it, kept
 
 
 def store_together(linears):
@@ -61,7 +67,7 @@ def test_layers_stored_together_are_packed_as_parts_of_one_joint_layer():
     model = nn.Sequential(*linears)
     pack_linears(model)
     parts = list(model)
-    assert all(type(part) is packed.PackedPart for part in parts)
+    assert all(type(part) is PackedPart for part in parts)
     joint = parts[0].joint
     assert all(part.joint is joint for part in parts) and joint.out_features == 144
     assert PackedLinear.together(parts) is joint
@@ -69,7 +75,6 @@ def test_layers_stored_together_are_packed_as_parts_of_one_joint_layer():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = [linear(x) for linear in linears]
         alone = [part(x) for part in parts]
-        assert all(out.is_contiguous() for out in alone)  # LoRA adds to it in place
         for outputs in (project(x, parts), alone):
             for got, expected in zip(outputs, want, strict=True):
                 assert got.shape == expected.shape
@@ -79,25 +84,42 @@ def test_layers_stored_together_are_packed_as_parts_of_one_joint_layer():
             for got, expected in zip(project(x, subset), [part(x) for part in subset],
                                      strict=True):
                 torch.testing.assert_close(got, expected, atol=2 ** -5, rtol=2 ** -7)
+    with torch.no_grad():  # (inference mode tracks no views)
+        # its own tensor, not a view: LoRA adds to it in place (one row's slice too)
+        assert all(part(rows)._base is None
+                   for part in parts for rows in (torch.randn(1, 64), torch.randn(4, 64)))
     for part, linear in zip(parts, linears, strict=True):
         assert torch.equal(part.dense_weight(), linear.weight)
         assert torch.equal(part.bias, linear.bias)
 
 
+def test_a_part_alone_gives_the_input_gradient_of_its_linear():
+    linears = store_together([frozen_bf16_linear(64, n, seed)
+                              for seed, n in enumerate((64, 32))])
+    parts = PackedPart.split(linears)
+    g = torch.randn(5, 32)
+    got_x, want_x = torch.randn(5, 64).requires_grad_(), None
+    want_x = got_x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (parts[1](got_x).float() * g).sum().backward()
+        (linears[1](want_x).float() * g).sum().backward()
+    torch.testing.assert_close(got_x.grad, want_x.grad, atol=2 ** -5, rtol=2 ** -7)
+
+
 def test_packing_for_inference_lets_go_of_the_plain_weights():
     linears = store_together([frozen_bf16_linear(64, 64, seed) for seed in range(3)])
     model = nn.Sequential(*linears, frozen_bf16_linear(64, 16))
-    weights = [weakref.ref(linear.weight) for linear in model]
+    memory = [StorageWeakRef(linear.weight.untyped_storage()) for linear in model]
     del linears
     pack_linears(model)
     gc.collect()
-    assert [w() for w in weights] == [None] * 4
+    assert all(m.expired() for m in memory)
 
 
 def test_project_computes_q_k_v_together_as_each_alone():
-    """`model.project` reads PackedLinears side by side through one joint product, built
-    once (from their weights as they lie, no copy where stored together): the outputs
-    each layer gives alone, and the layers' own weights never packed."""
+    """`model.project` reads PackedLinears stored apart side by side through one joint
+    product, packed once from their weights and kept by the first layer: the outputs
+    each layer gives alone."""
     layers = [PackedLinear.of(frozen_bf16_linear(64, 64, seed)) for seed in range(3)]
     x = torch.randn(2, 7, 64)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,7 +214,7 @@ def test_training_packs_frozen_linears_and_gives_the_models_own_back_however_it_
         with pytest.raises(KeyError) if raised else contextlib.nullcontext():
             with packed_for_training(model):
                 assert type(adapted.linear) is PackedLinear and type(model[4]) is PackedLinear
-                assert all(type(m) is packed.PackedPart for m in model[1:4])
+                assert all(type(m) is PackedPart for m in model[1:4])
                 assert type(model[5]) is nn.Linear  # trained: not packed
                 assert all(linear.weight.numel() == 0 for linear in linears)  # let go
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -267,6 +289,51 @@ def test_training_keeps_a_weight_another_module_also_uses():
         assert torch.equal(model[0](torch.tensor([3, 5])), before[[3, 5]])
     assert model[1] is head and head.weight is embedding.weight
     assert torch.equal(embedding.weight, before)
+
+
+def test_training_keeps_a_weight_whose_memory_another_tensor_holds():
+    """Tied by sharing memory rather than the Parameter: kept too."""
+    embedding = nn.Embedding(96, 64).to(torch.bfloat16).requires_grad_(False)
+    head = nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    head.weight = nn.Parameter(embedding.weight.data, requires_grad=False)
+    model = nn.Sequential(embedding, head)
+    with packed_for_training(model):
+        assert head.weight.numel() == 96 * 64
+    assert head.weight.untyped_storage().data_ptr() == \
+        embedding.weight.untyped_storage().data_ptr()
+
+
+def test_a_group_that_cannot_be_given_back_keeps_its_packed_layers(monkeypatch):
+    """Rebuilding a weight failed (say, out of memory): that group keeps its packed
+    layers, which compute what its Linears did; every other Linear is given back all the
+    same, and the error is raised."""
+    model = nn.Sequential(frozen_bf16_linear(64, 64, 0), frozen_bf16_linear(64, 64, 1))
+    first = model[0]  # given back after the last group's failure (last in, first out)
+    before = first.weight.clone()
+    x = torch.randn(3, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model[1](x)
+    real = packed._dense
+
+    def dense(layers):
+        if layers[0] is failing:
+            raise MemoryError("rebuilding the weight")
+        return real(layers)
+
+    with pytest.raises(MemoryError):
+        with packed_for_training(model):
+            failing = model[1]
+            monkeypatch.setattr(packed, "_dense", dense)
+    assert model[1] is failing and type(failing) is PackedLinear
+    assert model[0] is first and torch.equal(first.weight, before)
+    with torch.inference_mode():
+        torch.testing.assert_close(model[1](x), want, atol=2 ** -5, rtol=2 ** -7)
+
+
+def test_bit_for_bit_tells_negative_zero_from_zero():
+    zero = torch.zeros(4, dtype=torch.bfloat16)
+    assert packed._same_bits(zero, zero.clone())
+    assert not packed._same_bits(zero, -zero)
 
 
 def test_a_block_never_left_does_not_abort_the_interpreter_at_exit():

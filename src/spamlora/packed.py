@@ -8,8 +8,8 @@ row of ~250 tokens is short too: its frozen products, and its input gradients fr
 packed copy of each weight's transpose, made epochs ~7% faster on an AMX Xeon, for
 ~0.2 GB more peak RSS, the plain weights let go (benchmarks/README.md).
 
-A packed layer holds its weight only packed (the plain one is let go with the Linear, or
-while training runs), so packing adds no copy of the weights. A packed copy does not
+A packed layer holds its weight only packed: no plain copy is kept (the plain weight is
+let go with the Linear, or while training runs). A packed copy does not
 follow later in-place changes to the weight it was made from: pack a model after the last
 change to its frozen weights (LoRA merged)."""
 
@@ -184,8 +184,11 @@ class PackedPart(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        # Its own tensor, not a view (`PackedLinear.forward` says why).
-        out = self.joint(rows)[:, self.start:self.stop].contiguous()
+        # Its own tensor, not a view (`PackedLinear.forward` says why), for one row too
+        # (whose slice is contiguous already). The whole joint product is computed: alone
+        # a part is a fallback, `project` reads the parts together.
+        out = self.joint(rows)[:, self.start:self.stop].clone(
+            memory_format=torch.contiguous_format)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     together = staticmethod(PackedLinear.together)
@@ -265,9 +268,13 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     copies, the weights and their transposes, ~340 MB for GPT-2 124M, then replace
     ~170 MB of plain ones instead of adding to them."""
     swapped: list[_Swap] = []
-    # A weight another module also uses (tied, as GPT-2's head and token embedding) is
-    # kept: letting it go would take it from that module too.
-    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # A weight whose memory another tensor of the model also holds (tied, as GPT-2's head
+    # and token embedding) is kept: letting it go would take it from that tensor too, or
+    # free nothing.
+    holders = collections.Counter(
+        t.untyped_storage().data_ptr() for _, t in itertools.chain(
+            model.named_parameters(remove_duplicate=False),
+            model.named_buffers(remove_duplicate=False)))
     try:
         for group in _frozen_linears(model):
             swap = _Swap(group, _packed(group))
@@ -275,8 +282,9 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
             for (parent, name, _), layer in zip(group, swap.layers, strict=True):
                 parent.register_module(name, layer)
             weights = [linear.weight for _, _, linear in group]
-            if all(uses[id(w)] == 1 for w in weights) and torch.equal(
-                    _dense(swap.layers), side_by_side(weights)):
+            storage = weights[0].untyped_storage().data_ptr()
+            if (stored_together(weights) and holders[storage] == len(weights)
+                    and _same_bits(_dense(swap.layers), side_by_side(weights))):
                 swap.released = True  # before: a weight let go is always given back
                 for weight in weights:
                     weight.data = weight.data.new_empty(0)
@@ -291,21 +299,37 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
 
 def _give_back(swapped: list[_Swap]) -> None:
     """The Linears in their places again, with the weights let go rebuilt from the packed
-    copies, which are let go in turn."""
+    copies, which are let go in turn. A group that cannot be given back (its rebuild
+    failed) keeps its packed layers, which compute what its Linears did; the others are
+    given back all the same, and the first error is raised after."""
+    errors = []
     while swapped:
-        swap = swapped.pop()
-        if swap.released:
-            # Views of one tensor, as they were stored (`side_by_side` reads them so).
-            dense = _dense(swap.layers)
-            sizes = [layer.out_features for layer in swap.layers]
-            for (_, _, linear), part in zip(swap.group, dense.split(sizes), strict=True):
-                linear.weight.data = part
-        for (parent, name, linear), layer in zip(swap.group, swap.layers, strict=True):
-            parent.register_module(name, linear)
-            # A joint layer is kept by its first layer under a key holding that layer: a
-            # cycle that would keep the packed copies past the block until Python's cycle
-            # collector ran.
-            layer._joint.clear()
+        swap = swapped[-1]
+        try:
+            if swap.released:
+                # Views of one tensor, as they were stored (`side_by_side` reads them so).
+                dense = _dense(swap.layers)
+                sizes = [layer.out_features for layer in swap.layers]
+                for (_, _, linear), part in zip(swap.group, dense.split(sizes), strict=True):
+                    linear.weight.data = part
+        except BaseException as error:  # noqa: BLE001 (raised below, once all are tried)
+            errors.append(error)
+        else:
+            for (parent, name, linear), layer in zip(swap.group, swap.layers, strict=True):
+                parent.register_module(name, linear)
+                # A joint layer is kept by its first layer under a key holding that layer:
+                # a cycle that would keep the packed copies past the block until Python's
+                # cycle collector ran.
+                layer._joint.clear()
+        swapped.pop()
+    if errors:
+        raise errors[0]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, where `torch.equal` takes -0.0 for 0.0 and no NaN for itself."""
+    return a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16 and torch.equal(
+        a.view(torch.int16), b.view(torch.int16))
 
 
 @dataclasses.dataclass
