@@ -365,9 +365,10 @@ def accuracy_table(runs: dict[str, dict[int, dict]]) -> dict:
 
     table = {}
     for case, by_seed in runs.items():
-        acc = [by_seed[s]["val_accuracy"] for s in sorted(by_seed, key=ACCURACY_SEEDS.index)]
-        secs = [r["train_seconds"] for r in by_seed.values()]
-        table[case] = {"seeds": sorted(by_seed, key=ACCURACY_SEEDS.index),
+        seeds = sorted(by_seed, key=ACCURACY_SEEDS.index)
+        acc = [by_seed[s]["val_accuracy"] for s in seeds]
+        secs = [by_seed[s]["train_seconds"] for s in seeds]  # in the seeds' order too
+        table[case] = {"seeds": seeds,
                        "val_accuracy": acc, "mean": float(np.mean(acc)),
                        "min": min(acc), "max": max(acc), "std": float(np.std(acc)),
                        "train_seconds": secs}

@@ -268,15 +268,17 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     copies, the weights and their transposes, ~340 MB for GPT-2 124M, then replace
     ~170 MB of plain ones instead of adding to them."""
     swapped: list[_Swap] = []
+    groups = _frozen_linears(model)
     # A weight whose memory another tensor of the model also holds (tied, as GPT-2's head
     # and token embedding) is kept: letting it go would take it from that tensor too, or
     # free nothing.
     holders = collections.Counter(
         t.untyped_storage().data_ptr() for _, t in itertools.chain(
             model.named_parameters(remove_duplicate=False),
-            model.named_buffers(remove_duplicate=False)))
+            model.named_buffers(remove_duplicate=False))
+        if groups and t.layout == torch.strided)
     try:
-        for group in _frozen_linears(model):
+        for group in groups:
             swap = _Swap(group, _packed(group))
             swapped.append(swap)
             for (parent, name, _), layer in zip(group, swap.layers, strict=True):
@@ -312,15 +314,14 @@ def _give_back(swapped: list[_Swap]) -> None:
                 sizes = [layer.out_features for layer in swap.layers]
                 for (_, _, linear), part in zip(swap.group, dense.split(sizes), strict=True):
                     linear.weight.data = part
-        except BaseException as error:  # noqa: BLE001 (raised below, once all are tried)
-            errors.append(error)
-        else:
             for (parent, name, linear), layer in zip(swap.group, swap.layers, strict=True):
                 parent.register_module(name, linear)
                 # A joint layer is kept by its first layer under a key holding that layer:
                 # a cycle that would keep the packed copies past the block until Python's
                 # cycle collector ran.
                 layer._joint.clear()
+        except BaseException as error:  # noqa: BLE001 (raised below, once all are tried)
+            errors.append(error)
         swapped.pop()
     if errors:
         raise errors[0]
