@@ -2,26 +2,36 @@
 
     python benchmarks/profile_step.py                 # GPT-2 124M, the real training split
     python benchmarks/profile_step.py --size tiny     # a quick check of the script
-    python benchmarks/profile_step.py --cases spamlora spamlora-grouped peer-tuned
+    python benchmarks/profile_step.py --cases spamlora spamlora-padded spamlora-grouped peer-tuned
 
 Profiles training steps of spamlora's own loop (`train_classifier`, the pipeline's
 defaults: packed random batches, `precision: auto`) and of transformers + peft (the
 tuned peer of train_speed.py: dropout 0, bf16 autocast where spamlora would use bf16,
 random padded batches), each in its own process, on the same messages; on request
-(`--cases`) also spamlora with padded batches of similar length (`train.padding: batch`,
-`group_by_length: true`), to see what packing costs or saves on this CPU. Each step's CPU
+(`--cases`) also spamlora with the same random batches padded instead of packed
+(`spamlora-padded`, `train.padding: batch`: the same messages in each step, so the two
+columns differ only by packing) and with padded batches of similar length
+(`spamlora-grouped`, `group_by_length: true`: other messages in each step), to see what
+packing costs or saves on this CPU. Each step's CPU
 time is split by operator (the profiler's self time) into the frozen GEMMs (forward and
 input gradient), the LoRA products, the head, attention, GELU, LayerNorm, casts, the
 optimizer and the rest. For the GEMMs, the achieved GFLOPS stand beside the ceiling:
 the same shapes, strides and dtypes timed alone with `torch.mm` on this machine.
 Results go to benchmarks/results/profile_step-<date>.json and, with --readme, to the
 table in benchmarks/README.md.
+
+With --primitives, each case also trains one whole epoch in a second process with
+`ONEDNN_VERBOSE=profile_create`, to count the oneDNN primitives it creates: the first
+GEMM of each new shape (a packed row's width, a padded batch's) JIT-compiles its
+kernels inside the profiled operator, so the profile's GEMM times include that one-off
+cost wherever the profiled steps meet new shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,6 +49,7 @@ import train_speed  # noqa: E402  (the benchmarks' shared inputs and peer settin
 README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- profile:start -->", "<!-- profile:end -->"
 WARMUP_STEPS, PROFILED_STEPS = 4, 12
+STEP_MARK = "profile_step: step done"
 # GEMM operators and the position of their first matrix among their inputs
 # oneDNN's product with a pre-packed weight (`packed.PackedLinear`): x @ W.T, W (N, K)
 PACKED = "mkldnn::_linear_pointwise"
@@ -118,7 +129,7 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
     state["t"] = time.perf_counter()
     if case.startswith("spamlora"):
         info = spamlora_steps(data_dir, model_dir, limit, on_step,
-                              grouped=case == "spamlora-grouped")
+                              padded=case != "spamlora", grouped=case == "spamlora-grouped")
     else:
         info = peer_steps(data_dir, model_dir, limit, on_step)
     prof.stop()
@@ -164,6 +175,45 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
                           for name, s in sorted(other.items(), key=lambda kv: -kv[1])[:10]}}
 
 
+def train_one_epoch(case: str, data_dir: Path, model_dir: Path) -> None:
+    """The case's training over the whole split, one epoch, a line on stdout after each
+    step (flushed, so that it lands between oneDNN's verbose lines, which oneDNN
+    flushes as it writes them)."""
+    def on_step(*_):
+        print(STEP_MARK, flush=True)
+
+    if case.startswith("spamlora"):
+        spamlora_steps(data_dir, model_dir, None, on_step, padded=case != "spamlora",
+                       grouped=case == "spamlora-grouped")
+    else:
+        peer_steps(data_dir, model_dir, None, on_step)
+
+
+def primitive_creation(verbose: str, steps: int) -> dict:
+    """Counts, from a child's `ONEDNN_VERBOSE=profile_create` output, the primitives
+    created for want of a cached one (oneDNN's own milliseconds for each), over the
+    epoch and within the steps `profile_case` profiles."""
+    done, misses, window = 0, [], []
+    hits = 0
+    for line in verbose.splitlines():
+        if line == STEP_MARK:
+            done += 1
+        elif line.startswith("onednn_verbose") and ",primitive,create:" in line:
+            if ",create:cache_miss," in line:
+                ms = float(line.rsplit(",", 1)[1])
+                misses.append(ms)
+                if WARMUP_STEPS <= done < WARMUP_STEPS + steps:
+                    window.append(ms)
+            else:
+                hits += 1
+    if not done:
+        raise RuntimeError("no training step finished in the primitives' run")
+    return {"steps": done, "created": len(misses), "created_seconds": sum(misses) / 1000,
+            "cache_hits_per_step": hits / done,
+            "created_in_profiled_steps": len(window),
+            "created_ms_per_profiled_step": sum(window) / steps}
+
+
 def gemm_ceilings(shapes: dict, torch) -> dict[str, float]:
     """Per part, the GFLOPS its GEMMs reach alone: each distinct shape, stride and dtype
     timed with torch.mm/bmm (best of five rounds), weighted by its calls."""
@@ -194,10 +244,11 @@ def gemm_ceilings(shapes: dict, torch) -> dict[str, float]:
     return {p: flops[p] / seconds[p] / 1e9 for p in flops if seconds[p]}
 
 
-def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step,
-                   grouped: bool = False) -> dict:
-    """The pipeline's training loop on the first `limit` messages, one epoch; `grouped`:
-    padded batches of similar length instead of packed random ones."""
+def spamlora_steps(data_dir: Path, model_dir: Path, limit: int | None, on_step,
+                   padded: bool = False, grouped: bool = False) -> dict:
+    """The pipeline's training loop on the first `limit` messages (None: all), one epoch;
+    `padded`: each batch padded to its longest message instead of packed; `grouped`
+    (padded only): batches of similar length instead of random ones."""
     from spamlora import batching
     from spamlora.adapter import AdapterSpec
     from spamlora.batching import encode, truncate
@@ -211,7 +262,7 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step,
     train = train_speed.load_split(data_dir, "train", limit)
     params = TrainParams(epochs=1, batch_size=train_speed.BATCH, lr=train_speed.LR,
                          weight_decay=train_speed.WEIGHT_DECAY, seed=train_speed.SEED,
-                         padding="batch" if grouped else "packed", group_by_length=grouped)
+                         padding="batch" if padded else "packed", group_by_length=grouped)
     tokenizer = Tokenizer(model_dir)
     base = load_gpt2(model_dir)
     device = resolve_device(params.device)
@@ -230,9 +281,10 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step,
                                     params.group_by_length)
     tokens = [sum(len(ids[i]) for i in index) for index in order]
     computed = [(batching.collate(ids, index, tokenizer.pad_id, None, batching.PAD_MULTIPLE,
-                                  max_length) if grouped else
+                                  max_length) if padded else
                  batching.pack(ids, index, tokenizer.pad_id, base.cfg.context_length,
-                               batching.PAD_MULTIPLE)).ids.numel() for index in order]
+                               batching.pack_multiple(device, dtype))).ids.numel()
+                for index in order]
     # No validation pass: a single message, after the profiled steps.
     train_classifier(model, ids, train["label"].to_numpy(), ids[:1],
                      train["label"].to_numpy()[:1], params, tokenizer.pad_id, max_length,
@@ -241,8 +293,8 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int, on_step,
             "computed": computed}
 
 
-def peer_steps(data_dir: Path, model_dir: Path, limit: int, on_step) -> dict:
-    """train_speed.py's tuned peer loop on the first `limit` messages."""
+def peer_steps(data_dir: Path, model_dir: Path, limit: int | None, on_step) -> dict:
+    """train_speed.py's tuned peer loop on the first `limit` messages (None: all)."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -327,6 +379,13 @@ def markdown(report: dict) -> str:
                             ("wall µs per real token", "wall_us_per_real_token", "{:.1f}")):
         lines.append(f"| {label} | " + " | ".join(
             f"{fmt.format(cases[n][key])} | " for n in names) + " |")
+    if all("primitives" in cases[n] for n in names):
+        for label, key, fmt in (
+                ("oneDNN primitives created in one epoch", "created", "{:.0f}"),
+                ("… their seconds (oneDNN's count)", "created_seconds", "{:.2f}"),
+                ("… ms a profiled step", "created_ms_per_profiled_step", "{:.1f}")):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{fmt.format(cases[n]['primitives'][key])} | " for n in names) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -336,21 +395,30 @@ def main() -> None:
     parser.add_argument("--size", choices=("gpt2", "tiny"), default="gpt2")
     parser.add_argument("--steps", type=int, default=PROFILED_STEPS)
     parser.add_argument("--cases", nargs="+", default=["spamlora", "peer-tuned"],
-                        choices=("spamlora", "spamlora-grouped", "peer-tuned"))
+                        choices=("spamlora", "spamlora-padded", "spamlora-grouped",
+                                 "peer-tuned"))
     parser.add_argument("--out", type=Path, help="the JSON report (default: results/)")
     parser.add_argument("--readme", action="store_true",
                         help="write the table into benchmarks/README.md")
+    parser.add_argument("--primitives", action="store_true",
+                        help="also count the oneDNN primitives each case creates in one "
+                             "epoch (one more training process a case)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
     parser.add_argument("--dirs", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(profile_case(args.child, *args.dirs, args.steps)))
+        return
+    if args.child_epoch:
+        train_one_epoch(args.child_epoch, *args.dirs)
         return
 
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, model_dir = train_speed.prepare(Path(tmp), args.size)
+        train_messages = len(train_speed.load_split(data_dir, "train", None))
         cases = {}
         for case in args.cases:
             proc = subprocess.run(
@@ -360,10 +428,19 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
             cases[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if args.primitives:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child-epoch", case, "--dirs",
+                     str(data_dir), str(model_dir)],
+                    capture_output=True, text=True,
+                    env={**os.environ, "ONEDNN_VERBOSE": "profile_create"})
+                if proc.returncode:
+                    sys.exit(f"{case}'s epoch failed:\n{proc.stderr[-3000:]}")
+                cases[case]["primitives"] = primitive_creation(proc.stdout, args.steps)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(),
               "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "size": args.size, "steps": args.steps,
-              "cases": cases}
+              "train_messages": train_messages, "batch": train_speed.BATCH, "cases": cases}
     out = args.out or train_speed.RESULTS / f"profile_step-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")

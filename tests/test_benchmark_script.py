@@ -134,17 +134,24 @@ def test_rank_sweep_smoke_run(tmp_path):
 def test_profile_step_smoke_run(tmp_path):
     """benchmarks/profile_step.py splits both trainings' steps by part: every part a step
     must have is found in each (a profiler event put in the wrong part would leave one
-    empty), and the GEMMs get a ceiling."""
+    empty), and the GEMMs get a ceiling. The padded case trains on the same messages a
+    step as the packed one, and computes more tokens for them. --primitives reads a
+    whole epoch's steps from its second process's output."""
     if not SMS_FILE.is_file() and not (REPO / "data" / "train.csv").is_file():
         pytest.skip("the benchmark needs the real SMS data")
     out = tmp_path / "profile.json"
     readme = (REPO / "benchmarks" / "README.md").read_bytes()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"),
-                           "--size", "tiny", "--steps", "2", "--out", str(out)],
+                           "--size", "tiny", "--steps", "2", "--out", str(out),
+                           "--cases", "spamlora", "spamlora-padded", "peer-tuned",
+                           "--primitives"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["cases"]) == {"spamlora", "peer-tuned"}
+    assert set(report["cases"]) == {"spamlora", "spamlora-padded", "peer-tuned"}
+    packed, padded = report["cases"]["spamlora"], report["cases"]["spamlora-padded"]
+    assert padded["real_tokens_per_step"] == packed["real_tokens_per_step"]
+    assert padded["computed_tokens_per_step"] > packed["computed_tokens_per_step"]
     for case in report["cases"].values():
         parts = case["parts"]
         for part in ("frozen GEMM forward", "frozen GEMM input-grad", "LoRA products",
@@ -154,5 +161,9 @@ def test_profile_step_smoke_run(tmp_path):
             assert parts[part]["gflops"] > 0 and parts[part]["ceiling_gflops"] > 0, part
         assert case["computed_tokens_per_step"] >= case["real_tokens_per_step"] > 0
         assert case["wall_ms_per_step"] > 0
+        epoch = case["primitives"]
+        assert epoch["steps"] == -(-report["train_messages"] // report["batch"])
+        assert 0 <= epoch["created_in_profiled_steps"] <= epoch["created"]
     assert "| frozen GEMM forward |" in proc.stdout
+    assert "| oneDNN primitives created in one epoch |" in proc.stdout
     assert (REPO / "benchmarks" / "README.md").read_bytes() == readme  # no --readme: no edit
