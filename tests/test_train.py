@@ -69,6 +69,25 @@ def test_learns_a_separable_task(tiny_gpt2, trainable, token):
     assert steps == list(range(1, 4 * 8 + 1))  # ceil(60 / 8) = 8 steps an epoch
 
 
+@pytest.mark.parametrize("dtype, multiple", [(torch.float32, 8), (torch.bfloat16, 32)])
+def test_packed_rows_are_rounded_as_their_precision_wants(tiny_gpt2, monkeypatch, dtype,
+                                                          multiple):
+    """bf16 on CPU: oneDNN compiles kernels for every new row width, so packed rows are
+    rounded up to 32 tokens; fp32: to 8, as padding costs more than it saves there."""
+    widths, pack = [], batching.pack
+
+    def recording(*args, **kwargs):
+        batch = pack(*args, **kwargs)
+        widths.append(batch.ids.shape[1])
+        return batch
+
+    monkeypatch.setattr(batching, "pack", recording)
+    run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=1), dtype=dtype)
+    assert len(widths) == 8 and all(w % multiple == 0 for w in widths)
+    if multiple < 32:
+        assert any(w % 32 for w in widths)
+
+
 def test_same_seed_gives_bitwise_identical_metrics_and_adapter(tiny_gpt2, tmp_path):
     a, _ = run(tiny_gpt2, PARAMS, tmp_path=tmp_path / "a.safetensors")
     b, _ = run(tiny_gpt2, PARAMS, tmp_path=tmp_path / "b.safetensors")

@@ -31,6 +31,19 @@ GROUP_WINDOW_BATCHES = 32
 # ~6% faster and ~550 MB less peak RSS an epoch). Inference pads exactly: rounding
 # there cost ~8% of throughput and saved nothing.
 PAD_MULTIPLE = 8
+# A packed row's width, where oneDNN computes the products (bf16 on CPU), is rounded up
+# to this instead: oneDNN JIT-compiles its kernels for each new row count (~26 of them,
+# ~65 ms, kept in its cache), and packed rows of 8 SMS take ~28 widths an epoch at a
+# multiple of 8 against ~8 at 32, for ~13 more pad tokens a row (measured on an AMX Xeon,
+# two epochs: 6% faster, peak RSS 2.2 -> 1.6 GB; benchmarks/README.md). Elsewhere (fp32
+# on CPU, CUDA) no kernel is compiled per shape, and the pad tokens would only cost.
+ONEDNN_PACK_MULTIPLE = 32
+
+
+def pack_multiple(device: torch.device, dtype: torch.dtype) -> int:
+    """What a packed training row's width is rounded up to on `device` in `dtype`."""
+    return ONEDNN_PACK_MULTIPLE if (device.type, dtype) == ("cpu", torch.bfloat16) \
+        else PAD_MULTIPLE
 
 
 @dataclass

@@ -158,6 +158,7 @@ def train_classifier(
         lengths = [len(t) for t in train_ids]
         pad_to = max_length if params.padding == "max_length" else None
         context = model.cfg.context_length
+        row_multiple = batching.pack_multiple(device, dtype)
         state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
                           history=asdict(History()))
         if resumable:
@@ -216,7 +217,7 @@ def train_classifier(
                 weight = 1.0 if share else 0.0
                 rows = share or index[:1]
                 if params.padding == "packed":
-                    batch = batching.pack(train_ids, rows, pad_id, context, batching.PAD_MULTIPLE)
+                    batch = batching.pack(train_ids, rows, pad_id, context, row_multiple)
                 else:
                     batch = batching.collate(train_ids, rows, pad_id, pad_to,
                                              batching.PAD_MULTIPLE, max_length)
