@@ -20,11 +20,12 @@ the same shapes, strides and dtypes timed alone with `torch.mm` on this machine.
 Results go to benchmarks/results/profile_step-<date>.json and, with --readme, to the
 table in benchmarks/README.md.
 
-With --primitives, each case also trains one whole epoch in a second process with
-`ONEDNN_VERBOSE=profile_create`, to count the oneDNN primitives it creates: the first
-GEMM of each new shape (a packed row's width, a padded batch's) JIT-compiles its
-kernels inside the profiled operator, so the profile's GEMM times include that one-off
-cost wherever the profiled steps meet new shapes.
+With --primitives, each case also trains in two more processes with
+`ONEDNN_VERBOSE=profile_create` (one epoch of the whole split, and the profiled steps'
+own batches), to count the oneDNN primitives it creates: the first GEMM of each new
+shape (a packed row's width, a padded batch's) JIT-compiles its kernels inside the
+profiled operator, so the profile's GEMM times include that one-off cost wherever the
+profiled steps meet new shapes.
 """
 
 from __future__ import annotations
@@ -128,8 +129,7 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
     prof.start()
     state["t"] = time.perf_counter()
     if case.startswith("spamlora"):
-        info = spamlora_steps(data_dir, model_dir, limit, on_step,
-                              padded=case != "spamlora", grouped=case == "spamlora-grouped")
+        info = spamlora_steps(data_dir, model_dir, limit, on_step, **layout(case))
     else:
         info = peer_steps(data_dir, model_dir, limit, on_step)
     prof.stop()
@@ -175,43 +175,63 @@ def profile_case(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict
                           for name, s in sorted(other.items(), key=lambda kv: -kv[1])[:10]}}
 
 
-def train_one_epoch(case: str, data_dir: Path, model_dir: Path) -> None:
-    """The case's training over the whole split, one epoch, a line on stdout after each
-    step (flushed, so that it lands between oneDNN's verbose lines, which oneDNN
-    flushes as it writes them)."""
+def layout(case: str) -> dict[str, bool]:
+    """How a spamlora case lays out its batches (`spamlora_steps`' arguments)."""
+    return {"padded": case != "spamlora", "grouped": case == "spamlora-grouped"}
+
+
+def train_one_epoch(case: str, data_dir: Path, model_dir: Path, limit: int | None) -> None:
+    """The case's training on the first `limit` messages (None: all), one epoch, a line
+    on stdout after each step (flushed, so that it lands between oneDNN's verbose
+    lines, which oneDNN flushes as it writes them)."""
     def on_step(*_):
         print(STEP_MARK, flush=True)
 
     if case.startswith("spamlora"):
-        spamlora_steps(data_dir, model_dir, None, on_step, padded=case != "spamlora",
-                       grouped=case == "spamlora-grouped")
+        spamlora_steps(data_dir, model_dir, limit, on_step, **layout(case))
     else:
-        peer_steps(data_dir, model_dir, None, on_step)
+        peer_steps(data_dir, model_dir, limit, on_step)
 
 
-def primitive_creation(verbose: str, steps: int) -> dict:
-    """Counts, from a child's `ONEDNN_VERBOSE=profile_create` output, the primitives
-    created for want of a cached one (oneDNN's own milliseconds for each), over the
-    epoch and within the steps `profile_case` profiles."""
-    done, misses, window = 0, [], []
-    hits = 0
+def creation_by_step(verbose: str) -> list[list[float]] | None:
+    """From a child's `ONEDNN_VERBOSE=profile_create` output, for each finished step,
+    oneDNN's milliseconds for each primitive it created for want of a cached one (a
+    step's own and those made since the step before); None where oneDNN printed
+    nothing (it ran no product)."""
+    if "onednn_verbose" not in verbose:
+        return None
+    steps, current = [], []
     for line in verbose.splitlines():
         if line == STEP_MARK:
-            done += 1
-        elif line.startswith("onednn_verbose") and ",primitive,create:" in line:
-            if ",create:cache_miss," in line:
-                ms = float(line.rsplit(",", 1)[1])
-                misses.append(ms)
-                if WARMUP_STEPS <= done < WARMUP_STEPS + steps:
-                    window.append(ms)
-            else:
-                hits += 1
-    if not done:
-        raise RuntimeError("no training step finished in the primitives' run")
-    return {"steps": done, "created": len(misses), "created_seconds": sum(misses) / 1000,
-            "cache_hits_per_step": hits / done,
-            "created_in_profiled_steps": len(window),
-            "created_ms_per_profiled_step": sum(window) / steps}
+            steps.append(current)
+            current = []
+        elif line.startswith("onednn_verbose") and ",create:cache_miss," in line:
+            current.append(float(line.rsplit(",", 1)[1]))
+    return steps
+
+
+def primitives(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict | None:
+    """The primitives a case creates: over one epoch of the whole split, and in the
+    steps `profile_case` profiles (the same messages and batches, in a fresh process)."""
+    def created(limit: int | None) -> list[list[float]] | None:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child-epoch", case, "--dirs", str(data_dir),
+             str(model_dir), *([] if limit is None else ["--limit", str(limit)])],
+            capture_output=True, text=True,
+            env={**os.environ, "ONEDNN_VERBOSE": "profile_create"})
+        if proc.returncode:
+            sys.exit(f"{case}'s epoch failed:\n{proc.stderr[-3000:]}")
+        return creation_by_step(proc.stdout)
+
+    epoch = created(None)
+    window = created((WARMUP_STEPS + steps) * train_speed.BATCH)
+    if epoch is None or window is None:
+        return None
+    profiled = window[WARMUP_STEPS: WARMUP_STEPS + steps]
+    return {"epoch_steps": len(epoch), "created": sum(map(len, epoch)),
+            "created_seconds": sum(map(sum, epoch)) / 1000,
+            "created_in_profiled_steps": sum(map(len, profiled)),
+            "created_ms_per_profiled_step": sum(map(sum, profiled)) / steps}
 
 
 def gemm_ceilings(shapes: dict, torch) -> dict[str, float]:
@@ -283,7 +303,7 @@ def spamlora_steps(data_dir: Path, model_dir: Path, limit: int | None, on_step,
     computed = [(batching.collate(ids, index, tokenizer.pad_id, None, batching.PAD_MULTIPLE,
                                   max_length) if padded else
                  batching.pack(ids, index, tokenizer.pad_id, base.cfg.context_length,
-                               batching.pack_multiple(device, dtype))).ids.numel()
+                               batching.packed_row_multiple(device, dtype))).ids.numel()
                 for index in order]
     # No validation pass: a single message, after the profiled steps.
     train_classifier(model, ids, train["label"].to_numpy(), ids[:1],
@@ -379,13 +399,14 @@ def markdown(report: dict) -> str:
                             ("wall µs per real token", "wall_us_per_real_token", "{:.1f}")):
         lines.append(f"| {label} | " + " | ".join(
             f"{fmt.format(cases[n][key])} | " for n in names) + " |")
-    if all("primitives" in cases[n] for n in names):
+    if any("primitives" in cases[n] for n in names):
         for label, key, fmt in (
                 ("oneDNN primitives created in one epoch", "created", "{:.0f}"),
                 ("… their seconds (oneDNN's count)", "created_seconds", "{:.2f}"),
                 ("… ms a profiled step", "created_ms_per_profiled_step", "{:.1f}")):
             lines.append(f"| {label} | " + " | ".join(
-                f"{fmt.format(cases[n]['primitives'][key])} | " for n in names) + " |")
+                f"{fmt.format(cases[n]['primitives'][key])} | " if cases[n].get("primitives")
+                else "– | " for n in names) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -405,13 +426,14 @@ def main() -> None:
                              "epoch (one more training process a case)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dirs", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(profile_case(args.child, *args.dirs, args.steps)))
         return
     if args.child_epoch:
-        train_one_epoch(args.child_epoch, *args.dirs)
+        train_one_epoch(args.child_epoch, *args.dirs, args.limit)
         return
 
     import torch
@@ -429,14 +451,7 @@ def main() -> None:
                 sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
             cases[case] = json.loads(proc.stdout.strip().splitlines()[-1])
             if args.primitives:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child-epoch", case, "--dirs",
-                     str(data_dir), str(model_dir)],
-                    capture_output=True, text=True,
-                    env={**os.environ, "ONEDNN_VERBOSE": "profile_create"})
-                if proc.returncode:
-                    sys.exit(f"{case}'s epoch failed:\n{proc.stderr[-3000:]}")
-                cases[case]["primitives"] = primitive_creation(proc.stdout, args.steps)
+                cases[case]["primitives"] = primitives(case, data_dir, model_dir, args.steps)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(),
               "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "size": args.size, "steps": args.steps,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spamlora import batching, packed
+from spamlora import batching, packed, precision
 from spamlora.adapter import AdapterSpec, save_adapter
 from spamlora.checkpoint import Checkpoints
 from spamlora.classifier import build_classifier
@@ -69,11 +69,13 @@ def test_learns_a_separable_task(tiny_gpt2, trainable, token):
     assert steps == list(range(1, 4 * 8 + 1))  # ceil(60 / 8) = 8 steps an epoch
 
 
-@pytest.mark.parametrize("dtype, multiple", [(torch.float32, 8), (torch.bfloat16, 32)])
+@pytest.mark.parametrize("dtype, computes_bf16, multiple", [
+    (torch.bfloat16, True, 32), (torch.bfloat16, False, 8), (torch.float32, True, 8)])
 def test_packed_rows_are_rounded_as_their_precision_wants(tiny_gpt2, monkeypatch, dtype,
-                                                          multiple):
-    """bf16 on CPU: oneDNN compiles kernels for every new row width, so packed rows are
-    rounded up to 32 tokens; fp32: to 8, as padding costs more than it saves there."""
+                                                          computes_bf16, multiple):
+    """Where the CPU computes bf16, oneDNN compiles kernels for every new row width, so
+    packed rows are rounded up to 32 tokens; elsewhere to 8, where the pad tokens cost
+    more than the shapes they save."""
     widths, pack = [], batching.pack
 
     def recording(*args, **kwargs):
@@ -82,6 +84,7 @@ def test_packed_rows_are_rounded_as_their_precision_wants(tiny_gpt2, monkeypatch
         return batch
 
     monkeypatch.setattr(batching, "pack", recording)
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: computes_bf16)
     run(tiny_gpt2, dataclasses.replace(PARAMS, epochs=1), dtype=dtype)
     assert len(widths) == 8 and all(w % multiple == 0 for w in widths)
     if multiple < 32:

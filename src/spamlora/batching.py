@@ -9,7 +9,8 @@ their mean, `train.token`):
   they would pass the model's context), attention within each message (in tiles of
   whole messages, `model.ATTENTION_TILE`), positions restarting at 0 (`model.Packing`).
   No padding between messages, so a batch drawn at random, whatever its mix of
-  lengths, computes only its real tokens.
+  lengths, computes its real tokens and only the few pad tokens that round its row up
+  (`packed_row_multiple`).
 GPT-2 tokens per SMS average ~30 (max ~120): padding every batch to the longest message
 would compute ~4x the real tokens, padding random batches to their own longest ~1.8x.
 """
@@ -21,29 +22,31 @@ from dataclasses import dataclass
 
 import torch
 
+from . import precision
 from .model import Entering, Packing
 
 # Training batches are drawn from windows of this many batches sorted by length: similar
 # lengths share a batch, yet the order of batches and their members stays random.
 GROUP_WINDOW_BATCHES = 32
-# Training batch widths are rounded up to a multiple of this: a few pad tokens buy far
-# fewer distinct GEMM shapes, each of which oneDNN caches a primitive for (measured:
-# ~6% faster and ~550 MB less peak RSS an epoch). Inference pads exactly: rounding
-# there cost ~8% of throughput and saved nothing.
+# Training batch widths are rounded up to a multiple of this (a packed row's where the
+# CPU computes bf16: `packed_row_multiple`): a few pad tokens buy far fewer distinct
+# GEMM shapes, each of which oneDNN caches a primitive for (measured: ~6% faster and
+# ~550 MB less peak RSS an epoch). Inference pads exactly: rounding there cost ~8% of
+# throughput and saved nothing.
 PAD_MULTIPLE = 8
-# A packed row's width, where oneDNN computes the products (bf16 on CPU), is rounded up
-# to this instead: oneDNN JIT-compiles its kernels for each new row count (~26 of them,
-# ~65 ms, kept in its cache), and packed rows of 8 SMS take ~28 widths an epoch at a
-# multiple of 8 against ~8 at 32, for ~13 more pad tokens a row (measured on an AMX Xeon,
-# two epochs: 6% faster, peak RSS 2.2 -> 1.6 GB; benchmarks/README.md). Elsewhere (fp32
-# on CPU, CUDA) no kernel is compiled per shape, and the pad tokens would only cost.
-ONEDNN_PACK_MULTIPLE = 32
+# Where oneDNN computes bf16 on the CPU, it JIT-compiles its kernels for each new row
+# count (~26 primitives, ~65 ms, kept in its cache), and packed rows of 8 SMS met ~28
+# widths in an epoch at a multiple of 8 against ~8 at 32, for ~13 more pad tokens a row
+# (on an AMX Xeon, two epochs: 6% faster, peak RSS 2.2 -> 1.6 GB; benchmarks/README.md).
+# In fp32 a new shape costs less and the pad tokens more (32 was ~6% slower there).
+BF16_CPU_ROW_MULTIPLE = 32
 
 
-def pack_multiple(device: torch.device, dtype: torch.dtype) -> int:
+def packed_row_multiple(device: torch.device, dtype: torch.dtype) -> int:
     """What a packed training row's width is rounded up to on `device` in `dtype`."""
-    return ONEDNN_PACK_MULTIPLE if (device.type, dtype) == ("cpu", torch.bfloat16) \
-        else PAD_MULTIPLE
+    if device.type == "cpu" and dtype == torch.bfloat16 and precision.cpu_computes_bf16():
+        return BF16_CPU_ROW_MULTIPLE
+    return PAD_MULTIPLE
 
 
 @dataclass

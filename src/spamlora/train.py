@@ -158,7 +158,7 @@ def train_classifier(
         lengths = [len(t) for t in train_ids]
         pad_to = max_length if params.padding == "max_length" else None
         context = model.cfg.context_length
-        row_multiple = batching.pack_multiple(device, dtype)
+        row_multiple = batching.packed_row_multiple(device, dtype)
         state = LoopState(epoch=1, batch=0, step=0, seen=0, loss_sum=0.0, correct=0.0, count=0,
                           history=asdict(History()))
         if resumable:
