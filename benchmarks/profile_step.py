@@ -193,6 +193,16 @@ def train_one_epoch(case: str, data_dir: Path, model_dir: Path, limit: int | Non
         peer_steps(data_dir, model_dir, limit, on_step)
 
 
+def child_output(what: str, *args: str, env: dict | None = None) -> str:
+    """The stdout of this script run again with `args`; the run's end of stderr, and an
+    exit, if it failed."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode:
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
 def creation_by_step(verbose: str) -> list[list[float]] | None:
     """From a child's `ONEDNN_VERBOSE=profile_create` output, for each finished step,
     oneDNN's milliseconds for each primitive it created for want of a cached one (a
@@ -214,14 +224,10 @@ def primitives(case: str, data_dir: Path, model_dir: Path, steps: int) -> dict |
     """The primitives a case creates: over one epoch of the whole split, and in the
     steps `profile_case` profiles (the same messages and batches, in a fresh process)."""
     def created(limit: int | None) -> list[list[float]] | None:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child-epoch", case, "--dirs", str(data_dir),
-             str(model_dir), *([] if limit is None else ["--limit", str(limit)])],
-            capture_output=True, text=True,
-            env={**os.environ, "ONEDNN_VERBOSE": "profile_create"})
-        if proc.returncode:
-            sys.exit(f"{case}'s epoch failed:\n{proc.stderr[-3000:]}")
-        return creation_by_step(proc.stdout)
+        return creation_by_step(child_output(
+            f"{case}'s epoch", "--child-epoch", case, "--dirs", str(data_dir),
+            str(model_dir), *([] if limit is None else ["--limit", str(limit)]),
+            env={**os.environ, "ONEDNN_VERBOSE": "profile_create"}))
 
     epoch = created(None)
     window = created((WARMUP_STEPS + steps) * train_speed.BATCH)
@@ -443,13 +449,9 @@ def main() -> None:
         train_messages = len(train_speed.load_split(data_dir, "train", None))
         cases = {}
         for case in args.cases:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", case, "--dirs", str(data_dir),
-                 str(model_dir), "--steps", str(args.steps)],
-                capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
-            cases[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+            cases[case] = json.loads(child_output(
+                case, "--child", case, "--dirs", str(data_dir), str(model_dir), "--steps",
+                str(args.steps)).strip().splitlines()[-1])
             if args.primitives:
                 cases[case]["primitives"] = primitives(case, data_dir, model_dir, args.steps)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(),
