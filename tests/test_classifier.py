@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spamlora import packed
+from spamlora import inference, packed
 from spamlora.adapter import AdapterError, AdapterSpec, read_adapter, save_adapter
 from spamlora.classifier import (
     add_lora,
@@ -18,7 +18,7 @@ from spamlora.classifier import (
     load_classifier,
     parameter_counts,
 )
-from spamlora.inference import merged_for_inference, predict_logits
+from spamlora.inference import fuse_gelu, merged_for_inference, predict_logits
 from spamlora.lora import LinearWithLoRA
 from spamlora.model import GPTConfig, GPTModel
 from spamlora.packed import PackedLinear, can_pack_bf16
@@ -230,6 +230,7 @@ def test_a_messages_bf16_score_moves_with_batch_mates_only_by_rounding(trained_l
     merged = merged_for_inference(copy.deepcopy(trained_like), bf16)
     assert any(isinstance(m, PackedLinear) for m in merged.modules()) == (
         bf16_path == "native")
+    assert any(isinstance(m, nn.GELU) for m in merged.modules()) == (bf16_path != "native")
     together = predict_logits(merged, ids, 0, 64, cpu, bf16)
     alone = np.concatenate([predict_logits(merged, [t], 0, 64, cpu, bf16) for t in ids])
     fp32 = predict_logits(merged_for_inference(copy.deepcopy(trained_like)), ids, 0, 64, cpu)
@@ -237,6 +238,50 @@ def test_a_messages_bf16_score_moves_with_batch_mates_only_by_rounding(trained_l
     np.testing.assert_allclose(alone, together, atol=bound, rtol=0)
     np.testing.assert_allclose(together, fp32, atol=bound, rtol=0)
     np.testing.assert_allclose(alone, fp32, atol=bound, rtol=0)
+
+
+def test_inference_fuses_each_gelu_after_a_packed_product_and_no_other(monkeypatch):
+    """GELU moves into the product before it where that product is a packed frozen
+    Linear's, or a LoRA layer's with its update merged in; not after a LoRA layer whose
+    update is added after the product, nor after a plain Linear; none where oneDNN
+    cannot fuse it. The outputs stay those of the Linears then GELU."""
+    if not can_pack_bf16():
+        pytest.skip(NO_PACKING)
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+
+    def frozen(i, o):
+        return nn.Linear(i, o).to(bf16).requires_grad_(False)
+
+    merged = LinearWithLoRA(frozen(64, 96), rank=2, alpha=4)
+    nn.init.normal_(merged.lora.B)
+    merged.lora.to(bf16)
+    merged.merge()
+    unmerged = LinearWithLoRA(frozen(64, 64), rank=2, alpha=4)
+    nn.init.normal_(unmerged.lora.B)
+
+    def model():
+        return nn.Sequential(
+            copy.deepcopy(merged), nn.GELU(approximate="tanh"),
+            frozen(96, 64), nn.GELU(),
+            copy.deepcopy(unmerged), nn.GELU(approximate="tanh"),
+            nn.Linear(64, 64), nn.GELU(approximate="tanh"))
+
+    torch.manual_seed(1)
+    want_model, got_model = model(), model()
+    got_model.load_state_dict(want_model.state_dict())
+    packed.pack_linears(want_model)
+    fuse_gelu(packed.pack_linears(got_model))
+    assert [type(m).__name__ for m in got_model][1::2] == [
+        "Identity", "Identity", "GELU", "GELU"]
+    assert [got_model[0].linear.gelu, got_model[2].gelu] == ["tanh", "none"]
+    x = torch.randn(9, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=bf16):
+        torch.testing.assert_close(got_model(x), want_model(x), atol=2 ** -5, rtol=2 ** -6)
+
+    monkeypatch.setattr(inference, "can_fuse_gelu", lambda approximate: False)
+    kept = fuse_gelu(packed.pack_linears(model()))
+    assert [type(m).__name__ for m in kept][1::2] == ["GELU"] * 4
 
 
 def test_private_onednn_ops_missing_cost_speed_not_results(trained_like, monkeypatch):

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -20,6 +21,7 @@ from spamlora.model import project, stored_together
 from spamlora.packed import (
     PackedLinear,
     PackedPart,
+    can_fuse_gelu,
     can_pack_bf16,
     pack_linears,
     packed_for_training,
@@ -192,6 +194,54 @@ def test_a_packed_layer_gives_the_linears_output_and_input_gradient(rows):
     with torch.no_grad():
         assert layer(x).shape == (rows, 96)
         assert layer(x.view(1, rows, 64)).shape == (1, rows, 96)
+
+
+def gelu_of_identity_product(approximate, rows=100, width=64):
+    """A packed identity product with GELU fused in, of inputs it sums exactly: what it
+    gives, and each GELU of the same inputs in fp32."""
+    x = torch.linspace(-6, 6, rows * width).to(torch.bfloat16).view(rows, width)
+    layer = PackedLinear(torch.eye(width, dtype=torch.bfloat16),
+                         torch.zeros(width, dtype=torch.bfloat16))
+    layer.gelu = approximate
+    with torch.inference_mode():
+        got = layer(x)
+    return got, {a: F.gelu(x.float(), approximate=a) for a in ("tanh", "none")}
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_a_product_with_gelu_fused_in_gives_the_gelu_of_its_fp32_sum(approximate):
+    """Rounded to bf16 once, after GELU (half a rounding step: 2**-8 of the value), and
+    GELU(tanh) told from GELU(erf), which are further apart than that near -2."""
+    assert can_fuse_gelu(approximate)
+    got, want = gelu_of_identity_product(approximate)
+    other = {"tanh": "none", "none": "tanh"}[approximate]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want[approximate], atol=1e-6,
+                               rtol=2 ** -8 * (1 + 2 ** -10))
+    assert not torch.allclose(got.float(), want[other], atol=1e-6, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("rows", [5, PackedLinear.PACKED_MAX_ROWS + 7])
+def test_a_product_with_gelu_fused_in_is_the_linear_then_gelu_within_rounding(rows):
+    """Also in chunks, with a bias: within a bf16 step of autocast's Linear then GELU,
+    and nearer the fp32 Linear then GELU than that is."""
+    linear = frozen_bf16_linear(64, 96)
+    layer = PackedLinear.of(linear)
+    layer.gelu = "tanh"
+    x = torch.randn(rows, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, alone = layer(x), F.gelu(linear(x), approximate="tanh")
+    exact = F.gelu(x.to(torch.bfloat16).float() @ linear.weight.float().T
+                   + linear.bias.float(), approximate="tanh")
+    torch.testing.assert_close(got, alone, atol=2 ** -5, rtol=2 ** -7)
+    assert (got.float() - exact).abs().mean() < (alone.float() - exact).abs().mean()
+
+
+def test_a_product_with_gelu_fused_in_refuses_a_backward():
+    layer = PackedLinear.of(frozen_bf16_linear())
+    layer.gelu = "tanh"
+    with pytest.raises(RuntimeError, match="no backward"):
+        layer(torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True))
 
 
 def test_a_trained_linear_is_not_packed():

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import side_by_side, stored_together
@@ -68,6 +69,8 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        # GELU's `approximate` where `fuse_gelu` moved a GELU into this product, else None.
+        self.gelu: str | None = None
         self.out_features, self.in_features = weight.shape
         # No public `weight`: `lora.merge` on a packed layer fails loudly rather than
         # change a weight whose packed copy would not follow.
@@ -97,21 +100,28 @@ class PackedLinear(nn.Module):
         # Cast as autocast would for the Linear: the result is the same bf16 product.
         rows = x.to(self.packed_weight.dtype).reshape(-1, self.in_features)
         if rows.requires_grad and torch.is_grad_enabled():
+            if self.gelu is not None:
+                raise RuntimeError("a PackedLinear with GELU fused in (fuse_gelu) is for "
+                                   "inference: it has no backward")
             out = _FrozenProduct.apply(rows, self)
+        elif self.gelu is not None:
+            out = self.product(rows, self.packed_weight, self.bias, ("gelu", self.gelu))
         else:
             out = self.product(rows, self.packed_weight, self.bias)
         # 2-D in, the product itself out, not a view of it: an in-place update of a view
         # (LoRA's, `LinearWithLoRA.add_updates`) costs its backward two extra copies.
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
-    def product(self, rows: torch.Tensor, packed: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+    def product(self, rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                post_op: tuple[str, str] = ("none", "")) -> torch.Tensor:
         """``rows @ W.T + bias`` for a packed W, in as few equal chunks of at most
-        `PACKED_MAX_ROWS` rows as it takes."""
+        `PACKED_MAX_ROWS` rows as it takes; with `post_op` (oneDNN's name and algorithm,
+        ``("gelu", "tanh")``) that function of it, applied before rounding to bf16."""
+        name, algorithm = post_op
         if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
-            return self._product(rows, packed, bias, "none", [], "")
+            return self._product(rows, packed, bias, name, [], algorithm)
         chunks = -(-len(rows) // self.PACKED_MAX_ROWS)
-        return torch.cat([self._product(chunk, packed, bias, "none", [], "")
+        return torch.cat([self._product(chunk, packed, bias, name, [], algorithm)
                           for chunk in rows.tensor_split(chunks)])
 
     @staticmethod
@@ -214,6 +224,23 @@ def can_pack_bf16() -> bool:
         return False
     return got.shape == (3, 8) and torch.allclose(got.float(), (x @ weight.T).float(),
                                                   atol=2 ** -6, rtol=2 ** -7)
+
+
+@functools.cache
+def can_fuse_gelu(approximate: str) -> bool:
+    """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
+    a packed product here (where `can_pack_bf16`), giving what `F.gelu` gives of the
+    product within a bf16 rounding step. Where not (the private op's arguments changed),
+    GELU runs alone."""
+    x = torch.linspace(-4, 4, 48, dtype=torch.bfloat16).view(6, 8)
+    eye = torch.eye(8, dtype=torch.bfloat16)
+    try:
+        got = mkldnn_op("_linear_pointwise")(
+            x, mkldnn_op("_reorder_linear_weight")(eye), None, "gelu", [], approximate)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return got.shape == x.shape and torch.allclose(
+        got.float(), F.gelu(x.float(), approximate=approximate), atol=2 ** -9, rtol=2 ** -7)
 
 
 Frozen = tuple[nn.Module, str, nn.Linear]  # a frozen Linear: (parent, name, Linear)
