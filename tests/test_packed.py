@@ -237,6 +237,24 @@ def test_a_product_with_gelu_fused_in_is_the_linear_then_gelu_within_rounding(ro
     assert (got.float() - exact).abs().mean() < (alone.float() - exact).abs().mean()
 
 
+def test_fusing_gelu_is_refused_where_onednn_would_compute_the_other_form(monkeypatch):
+    """The check behind `can_fuse_gelu` tells GELU(tanh) from GELU(erf): an op that
+    ignored the form asked for (here: always erf) is not used."""
+    real = packed.mkldnn_op("_linear_pointwise")
+
+    def erf_only(x, w, b, attr, scalars, algorithm):
+        return real(x, w, b, attr, scalars, "none")
+
+    monkeypatch.setattr(packed, "mkldnn_op", lambda name: erf_only if name ==
+                        "_linear_pointwise" else getattr(torch.ops.mkldnn, name))
+    packed.can_fuse_gelu.cache_clear()
+    try:
+        assert packed.can_fuse_gelu("none")
+        assert not packed.can_fuse_gelu("tanh")
+    finally:
+        packed.can_fuse_gelu.cache_clear()
+
+
 def test_a_product_with_gelu_fused_in_refuses_a_backward():
     layer = PackedLinear.of(frozen_bf16_linear())
     layer.gelu = "tanh"

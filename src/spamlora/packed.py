@@ -230,8 +230,8 @@ def can_pack_bf16() -> bool:
 def can_fuse_gelu(approximate: str) -> bool:
     """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
     a packed product here (where `can_pack_bf16`), giving what `F.gelu` gives of the
-    product within a bf16 rounding step. Where not (the private op's arguments changed),
-    GELU runs alone."""
+    product within a bf16 rounding step: near -3 the two forms differ by ~10%, so the
+    wrong one fails. Where not (the private op's arguments changed), GELU runs alone."""
     x = torch.linspace(-4, 4, 48, dtype=torch.bfloat16).view(6, 8)
     eye = torch.eye(8, dtype=torch.bfloat16)
     try:
@@ -240,7 +240,7 @@ def can_fuse_gelu(approximate: str) -> bool:
     except (RuntimeError, TypeError, AttributeError):
         return False
     return got.shape == x.shape and torch.allclose(
-        got.float(), F.gelu(x.float(), approximate=approximate), atol=2 ** -9, rtol=2 ** -7)
+        got.float(), F.gelu(x.float(), approximate=approximate), atol=1e-6, rtol=2 ** -7)
 
 
 Frozen = tuple[nn.Module, str, nn.Linear]  # a frozen Linear: (parent, name, Linear)
