@@ -1,5 +1,5 @@
 """Scoring with LoRA merged: length-sorted batches, and bf16 weights pre-packed for oneDNN
-(`packed`)."""
+(`packed`), the feed-forward's GELU computed in its first product (`fuse_gelu`)."""
 
 from __future__ import annotations
 
@@ -80,12 +80,13 @@ class Fp32Head(nn.Module):
 def fuse_gelu(model: nn.Module) -> nn.Module:
     """Each GELU that follows a `PackedLinear` (alone, or with its LoRA merged) in an
     `nn.Sequential` (GPT-2's feed-forward) computed inside that layer's product, the GELU
-    replaced by `nn.Identity`, in place (a fused layer has no backward). Alone, GELU(tanh)
+    replaced by `nn.Identity`, in place, for good (a fused layer has no backward, and
+    nothing puts the GELU back: for a model that only scores). Alone, GELU(tanh)
     read and wrote the feed-forward's 4d-wide activations once more, at ~1 element a ns
     on an AMX Xeon: 43% of the time of the product before it for one message's 33 rows,
     more than the product for 267 (benchmarks/README.md).
-    The result moves by at most a bf16 rounding step, toward the fp32 model's: GELU is
-    applied to the product's fp32 sum, which alone was rounded to bf16 first."""
+    Each layer's result moves by at most a bf16 rounding step, toward the fp32 result:
+    GELU is applied to the product's fp32 sum, which alone was rounded to bf16 first."""
     for sequence in model.modules():
         if not isinstance(sequence, nn.Sequential):
             continue
@@ -93,9 +94,9 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
             layer, after = sequence[i], sequence[i + 1]
             if isinstance(layer, LinearWithLoRA) and layer.merged:
                 layer = layer.linear  # which gives the whole output
-            if (type(layer) is PackedLinear and layer.gelu is None
+            if (type(layer) is PackedLinear and layer.gelu_approximate is None
                     and type(after) is nn.GELU and can_fuse_gelu(after.approximate)):
-                layer.gelu = after.approximate
+                layer.gelu_approximate = after.approximate
                 sequence[i + 1] = nn.Identity()
     return model
 

@@ -63,14 +63,18 @@ class PackedLinear(nn.Module):
     to 1.5x), so the path is chosen per model, not per batch. Within that path oneDNN
     still picks its blocking from a call's row count, so in bf16 a row's product can
     differ by a rounding step with the rows beside it (see `can_pack_bf16` for the
-    fallback, and benchmarks/README.md for what that does to a message's score)."""
+    fallback, and benchmarks/README.md for what that does to a message's score).
+
+    For scoring, the GELU after a layer can be computed in its product
+    (`gelu_approximate`, set by `inference.fuse_gelu`); such a layer has no backward."""
 
     PACKED_MAX_ROWS = 384
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        # GELU's `approximate` where `fuse_gelu` moved a GELU into this product, else None.
-        self.gelu: str | None = None
+        # Where `inference.fuse_gelu` moved the GELU after this layer into its product,
+        # that GELU's `approximate` ("tanh" or "none"); else None.
+        self.gelu_approximate: str | None = None
         self.out_features, self.in_features = weight.shape
         # No public `weight`: `lora.merge` on a packed layer fails loudly rather than
         # change a weight whose packed copy would not follow.
@@ -88,6 +92,12 @@ class PackedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.packed_weight.to_dense()
 
+    def extra_repr(self) -> str:
+        gelu = ("" if self.gelu_approximate is None
+                else f", then GELU(approximate={self.gelu_approximate!r})")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{gelu}")
+
     @property
     def packed_transpose(self) -> torch.Tensor:
         """The weight's transpose, packed: the input gradient's product is ``g @ W``."""
@@ -100,12 +110,13 @@ class PackedLinear(nn.Module):
         # Cast as autocast would for the Linear: the result is the same bf16 product.
         rows = x.to(self.packed_weight.dtype).reshape(-1, self.in_features)
         if rows.requires_grad and torch.is_grad_enabled():
-            if self.gelu is not None:
+            if self.gelu_approximate is not None:
                 raise RuntimeError("a PackedLinear with GELU fused in (fuse_gelu) is for "
                                    "inference: it has no backward")
             out = _FrozenProduct.apply(rows, self)
-        elif self.gelu is not None:
-            out = self.product(rows, self.packed_weight, self.bias, ("gelu", self.gelu))
+        elif self.gelu_approximate is not None:
+            out = self.product(rows, self.packed_weight, self.bias,
+                               ("gelu", self.gelu_approximate))
         else:
             out = self.product(rows, self.packed_weight, self.bias)
         # 2-D in, the product itself out, not a view of it: an in-place update of a view
@@ -132,6 +143,9 @@ class PackedLinear(nn.Module):
         weights, built on the first call and kept by the first layer. All with a bias,
         or all without."""
         biases = [layer.bias for layer in layers]
+        if any(getattr(layer, "gelu_approximate", None) for layer in layers):
+            raise ValueError("PackedLinear.together: a layer computes GELU in its product; "
+                             "a joint product would not")
         if len({b is None for b in biases}) > 1:
             raise ValueError("PackedLinear.together: some layers have a bias, some not")
         joint = PackedPart.whole(layers)
@@ -229,14 +243,17 @@ def can_pack_bf16() -> bool:
 @functools.cache
 def can_fuse_gelu(approximate: str) -> bool:
     """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
-    a packed product here (where `can_pack_bf16`), giving what `F.gelu` gives of the
-    product within a bf16 rounding step: near -3 the two forms differ by ~10%, so the
-    wrong one fails. Where not (the private op's arguments changed), GELU runs alone."""
+    a packed product, giving what `F.gelu` gives of the product within a bf16 rounding
+    step: near -3 the two forms differ by ~10%, so the wrong one fails. Where not (the
+    private op's arguments changed), GELU runs alone. Asked only of a layer already
+    packed (`can_pack_bf16`)."""
+    reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
+    if reorder is None or product is None:
+        return False
     x = torch.linspace(-4, 4, 48, dtype=torch.bfloat16).view(6, 8)
-    eye = torch.eye(8, dtype=torch.bfloat16)
     try:
-        got = mkldnn_op("_linear_pointwise")(
-            x, mkldnn_op("_reorder_linear_weight")(eye), None, "gelu", [], approximate)
+        got = product(x, reorder(torch.eye(8, dtype=torch.bfloat16)), None, "gelu", [],
+                      approximate)
     except (RuntimeError, TypeError, AttributeError):
         return False
     return got.shape == x.shape and torch.allclose(
