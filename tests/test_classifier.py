@@ -243,8 +243,9 @@ def test_a_messages_bf16_score_moves_with_batch_mates_only_by_rounding(trained_l
 def test_inference_fuses_each_gelu_after_a_packed_product_and_no_other(monkeypatch):
     """GELU moves into the product before it where that product is a packed frozen
     Linear's, or a LoRA layer's with its update merged in; not after a LoRA layer whose
-    update is added after the product, nor after a plain Linear; none where oneDNN
-    cannot fuse it. The outputs stay those of the Linears then GELU."""
+    update is added after the product, nor after a plain Linear, nor after a layer held
+    in two places; none where oneDNN cannot fuse it. The outputs stay those of the
+    Linears then GELU."""
     if not can_pack_bf16():
         pytest.skip(NO_PACKING)
     torch.manual_seed(0)
@@ -277,6 +278,11 @@ def test_inference_fuses_each_gelu_after_a_packed_product_and_no_other(monkeypat
     x = torch.randn(9, 64)
     with torch.inference_mode(), torch.autocast("cpu", dtype=bf16):
         torch.testing.assert_close(got_model(x), want_model(x), atol=2 ** -5, rtol=2 ** -6)
+
+    shared = packed.pack_linears(nn.Sequential(frozen(64, 64)))[0]
+    twice = nn.Sequential(nn.Sequential(shared, nn.GELU()), nn.Sequential(shared))
+    fuse_gelu(twice)  # the GELU would follow `shared` into the second Sequential too
+    assert type(twice[0][1]) is nn.GELU and shared.gelu_approximate is None
 
     monkeypatch.setattr(inference, "can_fuse_gelu", lambda approximate: False)
     kept = fuse_gelu(packed.pack_linears(model()))

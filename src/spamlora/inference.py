@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 from torch import nn
@@ -86,7 +88,11 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
     on an AMX Xeon: 43% of the time of the product before it for one message's 33 rows,
     more than the product for 267 (benchmarks/README.md).
     Each layer's result moves by at most a bf16 rounding step, toward the fp32 result:
-    GELU is applied to the product's fp32 sum, which alone was rounded to bf16 first."""
+    GELU is applied to the product's fp32 sum, which alone was rounded to bf16 first.
+    A layer the model holds in more than one place is left alone: the fused GELU would
+    follow it everywhere."""
+    places = collections.Counter(
+        id(module) for _, module in model.named_modules(remove_duplicate=False))
     for sequence in model.modules():
         if not isinstance(sequence, nn.Sequential):
             continue
@@ -95,6 +101,7 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
             if isinstance(layer, LinearWithLoRA) and layer.merged:
                 layer = layer.linear  # which gives the whole output
             if (type(layer) is PackedLinear and layer.gelu_approximate is None
+                    and places[id(layer)] == 1 and places[id(sequence[i])] == 1
                     and type(after) is nn.GELU and can_fuse_gelu(after.approximate)):
                 layer.gelu_approximate = after.approximate
                 sequence[i + 1] = nn.Identity()
