@@ -11,6 +11,7 @@ from spamlora.lora import (
     LoRALayer,
     lora_layers,
     merge,
+    merge_for_good,
     replace_linear_with_lora,
     unmerge,
 )
@@ -103,6 +104,25 @@ def test_whole_model_merge_matches_and_gradients_reach_only_lora_and_head():
         torch.testing.assert_close(model(ids, lengths), before, atol=1e-6, rtol=0)
         unmerge(model)
         torch.testing.assert_close(model(ids, lengths), before, atol=1e-6, rtol=0)
+
+
+def test_merging_for_good_leaves_the_linears_alone_with_the_same_outputs():
+    """Each LoRA layer gives way to its Linear, the update folded in: the model's output
+    is the unmerged one's, and no LoRA parameter or layer is left."""
+    torch.manual_seed(0)
+    model = replace_linear_with_lora(GPTModel(TINY), rank=2, alpha=2)
+    model.out_head = nn.Linear(16, 2)
+    for layer in lora_layers(model):
+        nn.init.normal_(layer.lora.B, std=0.1)
+    ids = torch.randint(0, 64, (3, 10))
+    lengths = torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        before = model(ids, lengths)
+        merge_for_good(model)
+        torch.testing.assert_close(model(ids, lengths), before, atol=1e-6, rtol=0)
+    assert not lora_layers(model)
+    assert not any(n.endswith((".A", ".B")) for n, _ in model.named_parameters())
+    assert type(model.trf_blocks[0].att.W_query) is nn.Linear
 
 
 def test_targets_select_layers_and_the_output_head_is_never_adapted():

@@ -12,7 +12,7 @@ from torch import nn
 from . import batching
 from .classifier import freeze
 from .frozen import PrefixCache
-from .lora import LinearWithLoRA, merge
+from .lora import merge_for_good
 from .model import GPTModel
 from .packed import PackedLinear, can_fuse_gelu, pack_linears
 from .precision import attention_kernels, autocast, cast_frozen_linears
@@ -80,13 +80,13 @@ class Fp32Head(nn.Module):
 
 
 def fuse_gelu(model: nn.Module) -> nn.Module:
-    """Each GELU that follows a `PackedLinear` (alone, or with its LoRA merged) in an
-    `nn.Sequential` (GPT-2's feed-forward) computed inside that layer's product, the GELU
-    replaced by `nn.Identity`, in place, for good (a fused layer has no backward, and
-    nothing puts the GELU back: for a model that only scores). Alone, GELU(tanh)
-    read and wrote the feed-forward's 4d-wide activations once more, at ~1 element a ns
-    on an AMX Xeon: 43% of the time of the product before it for one message's 33 rows,
-    more than the product for 267 (benchmarks/README.md).
+    """Each GELU that follows a `PackedLinear` in an `nn.Sequential` (GPT-2's
+    feed-forward) computed inside that layer's product, the GELU replaced by
+    `nn.Identity`, in place, for good (a fused layer has no backward, and nothing puts
+    the GELU back: for a model that only scores). Alone, GELU(tanh) read and wrote the
+    feed-forward's 4d-wide activations once more, at ~1 element a ns on an AMX Xeon: 43%
+    of the time of the product before it for one message's 33 rows, more than the
+    product for 267 (benchmarks/README.md).
     Each layer's result moves by at most a bf16 rounding step, toward the fp32 result:
     GELU is applied to the product's fp32 sum, which alone was rounded to bf16 first.
     A layer the model holds in more than one place is left alone: the fused GELU would
@@ -98,10 +98,8 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
             continue
         for i in range(len(sequence) - 1):
             layer, after = sequence[i], sequence[i + 1]
-            if isinstance(layer, LinearWithLoRA) and layer.merged:
-                layer = layer.linear  # which gives the whole output
             if (type(layer) is PackedLinear and layer.gelu_approximate is None
-                    and places[id(layer)] == 1 and places[id(sequence[i])] == 1
+                    and places[id(layer)] == 1
                     and type(after) is nn.GELU and can_fuse_gelu(after.approximate)):
                 layer.gelu_approximate = after.approximate
                 sequence[i + 1] = nn.Identity()
@@ -109,12 +107,13 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 
 
 def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
-    """LoRA folded into the base weights (in fp32, then stored in the compute `dtype`):
-    inference then costs what the base model costs. bf16 weights on CPU are also
-    pre-packed for oneDNN (`PackedLinear`), the feed-forward's GELU computed in its first
-    product (`fuse_gelu`); elsewhere Q, K and V are read as one matrix. The head stays
-    fp32 (`Fp32Head`)."""
-    model = freeze(merge(model))
+    """LoRA folded into the base weights for good (in fp32, then stored in the compute
+    `dtype`; `lora.merge_for_good`, which drops the LoRA layers): inference then costs
+    what the base model costs. bf16 weights on CPU are also pre-packed for oneDNN
+    (`PackedLinear`), the feed-forward's GELU computed in its first product
+    (`fuse_gelu`); elsewhere Q, K and V are read as one matrix. The head stays fp32
+    (`Fp32Head`)."""
+    model = freeze(merge_for_good(model))
     head = model.out_head
     model.out_head = nn.Identity()  # not cast or packed with the blocks' Linears
     model = fuse_gelu(pack_linears(cast_frozen_linears(model, dtype).store_qkv_together()))
