@@ -384,7 +384,8 @@ def cpu_flags() -> list[str]:
 def markdown(report: dict) -> str:
     cases = report["cases"]
     names = list(cases)
-    lines = [f"{report['date']}, {report['cpu']} ({', '.join(report['cpu_flags'])}), "
+    lines = [f"{report['date']}, {report['cpu']} ({', '.join(report['cpu_flags'])}"
+             f"{train_speed.capped(report)}), "
              f"{report['threads']} threads, torch {report['torch']}, GPT-2 "
              f"{report['size']}, {report['steps']} steps after {WARMUP_STEPS} of warm-up "
              f"(`python benchmarks/profile_step.py`):", ""]
@@ -457,7 +458,9 @@ def main() -> None:
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(),
               "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "size": args.size, "steps": args.steps,
-              "train_messages": train_messages, "batch": train_speed.BATCH, "cases": cases}
+              "train_messages": train_messages, "batch": train_speed.BATCH, "cases": cases,
+              **{key: value for key, value in train_speed.cpu_description().items()
+                 if key == "isa_caps"}}
     out = args.out or train_speed.RESULTS / f"profile_step-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8", newline="\n")

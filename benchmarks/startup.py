@@ -49,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from pipeline_runs import replace_section, workspace  # noqa: E402
-from train_speed import README, RESULTS, cpu_description, machine  # noqa: E402
+from train_speed import README, RESULTS, capped, cpu_description, machine  # noqa: E402
 
 START, END = "<!-- startup:start -->", "<!-- startup:end -->"
 WHOLE_START, WHOLE_END = "<!-- whole-train:start -->", "<!-- whole-train:end -->"
@@ -295,7 +295,8 @@ def measure_whole(ws: Path, env: dict[str, str], runs: int, root: Path) -> dict:
 def whole_report_lines(report: dict) -> list[str]:
     m, loops = report["median"], report["loop_s"]
     return [WHOLE_START, "",
-            f"Measured {report['date']} on {report['cpu']} ({report['machine']}), torch "
+            f"Measured {report['date']} on {report['cpu']} ({report['machine']}"
+            f"{capped(report)}), torch "
             f"{report['torch']}, {report['threads']} threads, the full splits, "
             f"{report['epochs']} epochs each with its validation passes, median of "
             f"{report['runs']} alternating runs (`python benchmarks/startup.py --whole`):",
@@ -320,7 +321,7 @@ def report_lines(report: dict) -> list[str]:
     m, p50 = report["median"], report["predict_p50"]
     lines = [START, "",
              f"Measured {report['date']} on {report['cpu']} ({report['machine']}; flags "
-             f"{' '.join(report['cpu_flags'])}), torch {report['torch']}, "
+             f"{' '.join(report['cpu_flags'])}{capped(report)}), torch {report['torch']}, "
              f"{report['threads']} threads, {report['messages']} messages a split, median "
              f"of {report['runs']} alternating runs (`python benchmarks/startup.py`):", "",
              "| whole process, seconds | spamlora | transformers + peft | difference | "

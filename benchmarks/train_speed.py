@@ -401,6 +401,7 @@ def summarise(results: dict) -> dict:
 def write_table(report: dict) -> None:
     r = report["results"]
     cpu = f"{report['cpu']} ({report['machine']})" if report.get("cpu") else report["machine"]
+    cpu += capped(report)
     lines = [TABLE_START, "",
              f"Measured {report['date']} on {cpu} "
              f"(torch {report['torch']}, {report['threads']} threads), "
@@ -511,6 +512,9 @@ def rank_sweep(args: argparse.Namespace) -> None:
                           encoding="utf-8", newline="\n")
 
 
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu_description() -> dict:
     """The CPU's model name and the flags that decide its fp32 and bf16 speed."""
     text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace") \
@@ -519,8 +523,21 @@ def cpu_description() -> dict:
                  if line.startswith("model name")), platform.processor())
     flags = next((line.partition(":")[2].split() for line in text.splitlines()
                   if line.startswith("flags")), [])
+    # Set, these make this CPU stand in for a smaller one (an AVX2-only CPU: all three
+    # at AVX2, MKL's too, or its fp32 products still use AVX-512): a result read
+    # without them would be taken for this CPU's own.
+    caps = {var: os.environ[var] for var in ISA_CAPS if os.environ.get(var)}
     return {"cpu": name, "cpu_flags": sorted(f for f in flags
-                                             if f.startswith(("avx", "amx", "fma")))}
+                                             if f.startswith(("avx", "amx", "fma"))),
+            **({"isa_caps": caps} if caps else {})}
+
+
+def capped(report: dict) -> str:
+    """Where the run stood in for a smaller CPU (`isa_caps`), the caps, for a table's
+    header line; else nothing."""
+    caps = report.get("isa_caps") or {}
+    return (", capped by " + " ".join(f"`{var}={value}`" for var, value in caps.items())
+            if caps else "")
 
 
 def modes_run(args: argparse.Namespace) -> None:
@@ -544,7 +561,7 @@ def modes_run(args: argparse.Namespace) -> None:
     r0 = results["lora"]
     lines = [MODES_START, "",
              f"Measured {report['date']} on {report['cpu']} ({report['machine']}; flags "
-             f"{' '.join(report['cpu_flags'])}), torch {report['torch']}, "
+             f"{' '.join(report['cpu_flags'])}{capped(report)}), torch {report['torch']}, "
              f"{report['threads']} threads, {r0['precision']}; {r0['examples']:,} "
              f"training messages, load average {load[0]:.2f} before.", "",
              "| `train.trainable` | trained | cache s (MB) | epoch 1: train + validation s "

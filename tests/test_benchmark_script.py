@@ -55,6 +55,24 @@ def test_the_epoch_ratio_is_the_median_over_the_seeds(monkeypatch):
         "spamlora": 51.5, "peer-tuned": 93.5}
 
 
+def test_a_capped_run_says_so(monkeypatch):
+    """A run with the CPU capped to stand in for a smaller one (AVX2) records the caps,
+    and its tables' header says them: read without, it would pass for this CPU's own."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_speed import ISA_CAPS, capped, cpu_description
+
+    for var in ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    assert "isa_caps" not in cpu_description() and capped(cpu_description()) == ""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    report = cpu_description()
+    assert report["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2",
+                                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert capped(report) == (", capped by `ONEDNN_MAX_CPU_ISA=AVX2` "
+                              "`MKL_ENABLE_INSTRUCTIONS=AVX2`")
+
+
 @pytest.mark.e2e
 def test_modes_smoke_run(tmp_path):
     """--modes: each `train.trainable` mode, two epochs where the frozen part is kept."""
