@@ -212,13 +212,33 @@ def batch_mates_case(model):
     return [rng.integers(1, model.cfg.vocab_size, size=n).tolist() for n in lengths]
 
 
-def test_a_message_scores_the_same_alone_and_among_batch_mates_in_fp32(trained_like):
+@pytest.fixture(params=["native", "plain"])
+def fp32_path(request, monkeypatch):
+    """Both fp32 inference paths: pre-packed oneDNN weights where oneDNN computes fp32
+    with AVX-512 (else skipped) and the plain Linear, forced."""
+    if request.param == "native" and not packed.can_pack_fp32():
+        pytest.skip("oneDNN computes fp32 without AVX-512 here: no fp32 weight is packed")
+    if request.param == "plain":
+        monkeypatch.setattr(packed, "can_pack_fp32", lambda: False)
+    return request.param
+
+
+def test_a_message_scores_the_same_alone_and_among_batch_mates_in_fp32(trained_like,
+                                                                       fp32_path):
+    """In fp32, packed or not, alone and among 63 others (one of the full context) a
+    message's logits agree to fp32's precision, and with the trained model's own (LoRA
+    not merged)."""
     ids = batch_mates_case(trained_like)
     cpu = torch.device("cpu")
     merged = merged_for_inference(copy.deepcopy(trained_like), torch.float32)
+    assert any(isinstance(m, PackedLinear) for m in merged.modules()) == (
+        fp32_path == "native")
+    assert any(isinstance(m, nn.GELU) for m in merged.modules()) == (fp32_path == "plain")
     together = predict_logits(merged, ids, 0, 64, cpu)
     alone = np.concatenate([predict_logits(merged, [t], 0, 64, cpu) for t in ids])
     np.testing.assert_allclose(alone, together, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(together, predict_logits(trained_like, ids, 0, 64, cpu),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_messages_bf16_score_moves_with_batch_mates_only_by_rounding(trained_like,
@@ -284,7 +304,7 @@ def test_inference_fuses_each_gelu_after_a_packed_product_and_no_other(monkeypat
     fuse_gelu(twice)  # the GELU would follow `shared` into the second Sequential too
     assert type(twice[0][1]) is nn.GELU and shared.gelu_approximate is None
 
-    monkeypatch.setattr(inference, "can_fuse_gelu", lambda approximate: False)
+    monkeypatch.setattr(inference, "can_fuse_gelu", lambda approximate, dtype: False)
     kept = fuse_gelu(packed.pack_linears(model()))
     assert [type(m).__name__ for m in kept][1::2] == ["GELU"] * 4
 

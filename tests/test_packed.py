@@ -1,8 +1,8 @@
-"""Frozen bf16 Linears pre-packed for oneDNN: packed when made, holding no plain copy,
-and Q, K and V stored together read as parts of one joint product with the outputs each
-gives alone; in training, the input's gradient from a packed transpose, the plain weights
-let go while packed, and the model's own Linears back after with their weights bit for
-bit."""
+"""Frozen bf16 Linears (and, for scoring, fp32 ones) pre-packed for oneDNN: packed when
+made, holding no plain copy, and Q, K and V stored together read as parts of one joint
+product with the outputs each gives alone; in training, the input's gradient from a
+packed transpose, the plain weights let go while packed, and the model's own Linears
+back after with their weights bit for bit."""
 
 import contextlib
 import gc
@@ -144,17 +144,56 @@ def test_project_computes_q_k_v_together_as_each_alone():
         assert not layer._joint
 
 
-def test_only_frozen_bf16_cpu_linears_are_packed(monkeypatch):
-    model = nn.Sequential(frozen_bf16_linear(), nn.Linear(96, 8),  # trained, fp32
-                          nn.Linear(8, 8).to(torch.bfloat16),  # bf16 but trained
-                          nn.Linear(8, 8).requires_grad_(False))  # frozen, fp32
-    kept = list(model)[1:]
-    pack_linears(model)
-    assert type(model[0]) is PackedLinear and list(model)[1:] == kept
-    unpackable = nn.Sequential(frozen_bf16_linear())
-    monkeypatch.setattr(packed, "can_pack_bf16", lambda: False)
-    pack_linears(unpackable)
-    assert type(unpackable[0]) is nn.Linear
+def test_only_frozen_bf16_and_fp32_cpu_linears_are_packed(monkeypatch):
+    """For scoring: frozen bf16 Linears, and fp32 ones where `can_pack_fp32` (oneDNN
+    computes fp32 with AVX-512); none that trains, none of another dtype; none of a
+    dtype oneDNN cannot pack here."""
+    def model():
+        return nn.Sequential(frozen_bf16_linear(), nn.Linear(96, 8),  # trained, fp32
+                             nn.Linear(8, 8).to(torch.bfloat16),  # bf16 but trained
+                             nn.Linear(8, 8).requires_grad_(False),  # frozen, fp32
+                             nn.Linear(8, 8).double().requires_grad_(False))  # fp64
+
+    for bf16, fp32 in ((True, packed.can_pack_fp32()), (True, False), (False, True)):
+        monkeypatch.setattr(packed, "can_pack_bf16", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(packed, "can_pack_fp32", lambda fp32=fp32: fp32)
+        layers = model()
+        kept = [layers[1], layers[2], layers[4]]
+        pack_linears(layers)
+        assert [type(m) is PackedLinear for m in layers] == [bf16, False, False, fp32, False]
+        assert [layers[1], layers[2], layers[4]] == kept
+
+
+@pytest.mark.skipif(not packed.can_pack_fp32(), reason="oneDNN computes fp32 without "
+                    "AVX-512 here: fp32 weights are not packed")
+@pytest.mark.parametrize("rows", [5, 3 * PackedLinear.PACKED_MAX_ROWS + 7])
+@pytest.mark.parametrize("gelu", [None, "tanh"])
+def test_a_packed_fp32_layer_gives_the_linears_output_in_one_call(rows, gelu, monkeypatch):
+    """fp32, for scoring: the plain Linear's output (then GELU's) to fp32's precision,
+    past PACKED_MAX_ROWS too, in one call, not in chunks (in fp32 they cost more than
+    they save)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96).requires_grad_(False)
+    layer = PackedLinear.of(linear)
+    layer.gelu_approximate = gelu
+    calls = []
+    product = layer._product
+    monkeypatch.setattr(layer, "_product", lambda *a: calls.append(len(a[0])) or product(*a))
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        got, want = layer(x), linear(x)
+    if gelu:
+        want = F.gelu(want, approximate=gelu)
+    assert got.dtype == torch.float32 and calls == [rows]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_training_packs_no_fp32_linear():
+    """fp32 training keeps its plain weights: packed ones would add ~0.34 GB of peak RSS
+    (a packed copy and a packed transpose) for ~3% of a step (benchmarks/README.md)."""
+    model = nn.Sequential(frozen_bf16_linear(), nn.Linear(96, 8).requires_grad_(False))
+    with packed_for_training(model):
+        assert [type(m) for m in model] == [PackedLinear, nn.Linear]
 
 
 def test_a_packed_layer_refuses_a_merge_rather_than_go_stale():

@@ -68,6 +68,18 @@ def test_auto_respects_a_onednn_cap_below_bf16(monkeypatch, cap, bf16):
     assert resolve_precision("auto", torch.device("cpu")) == want
 
 
+@pytest.mark.parametrize("cap, aten, avx512", [
+    ("", "AVX512", True), ("ALL", "AVX512", True), ("avx512_core", "AVX512", True),
+    ("AVX512_CORE_AMX", "AVX512", True), ("AVX10_1_512", "AVX512", True),
+    ("AVX2", "AVX512", False), ("", "AVX2", False), ("AVX2_VNNI_2", "AVX2", False)])
+def test_fp32_with_avx512_follows_both_caps(monkeypatch, cap, aten, avx512):
+    """Scoring packs fp32 weights only where oneDNN and ATen compute fp32 with AVX-512
+    (`packed.can_pack_fp32`): capping either one below it says no."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.cpu_computes_fp32_with_avx512() == avx512
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_cuda_attention_leaves_out_cudnn(training):
     """cuDNN's attention plans every new shape (0.3 s a step on an H200): never chosen.

@@ -1,4 +1,4 @@
-"""Scoring with LoRA merged: length-sorted batches, and bf16 weights pre-packed for oneDNN
+"""Scoring with LoRA merged: length-sorted batches, and weights pre-packed for oneDNN
 (`packed`), the feed-forward's GELU computed in its first product (`fuse_gelu`)."""
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
     feed-forward's 4d-wide activations once more, at ~1 element a ns on an AMX Xeon: 43%
     of the time of the product before it for one message's 33 rows, more than the
     product for 267 (benchmarks/README.md).
-    Each layer's result moves by at most a bf16 rounding step, toward the fp32 result:
-    GELU is applied to the product's fp32 sum, which alone was rounded to bf16 first.
+    In bf16 each layer's result moves by at most a rounding step, toward the fp32
+    result: GELU is applied to the product's fp32 sum, which alone was rounded first.
     A layer the model holds in more than one place is left alone: the fused GELU would
     follow it everywhere."""
     places = collections.Counter(
@@ -100,7 +100,8 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
             layer, after = sequence[i], sequence[i + 1]
             if (type(layer) is PackedLinear and layer.gelu_approximate is None
                     and places[id(layer)] == 1
-                    and type(after) is nn.GELU and can_fuse_gelu(after.approximate)):
+                    and type(after) is nn.GELU
+                    and can_fuse_gelu(after.approximate, layer.packed_weight.dtype)):
                 layer.gelu_approximate = after.approximate
                 sequence[i + 1] = nn.Identity()
     return model
@@ -109,10 +110,10 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 def merged_for_inference(model: GPTModel, dtype: torch.dtype = torch.float32) -> GPTModel:
     """LoRA folded into the base weights for good (in fp32, then stored in the compute
     `dtype`; `lora.merge_for_good`, which drops the LoRA layers): inference then costs
-    what the base model costs. bf16 weights on CPU are also pre-packed for oneDNN
-    (`PackedLinear`), the feed-forward's GELU computed in its first product
-    (`fuse_gelu`); elsewhere Q, K and V are read as one matrix. The head stays fp32
-    (`Fp32Head`)."""
+    what the base model costs. On CPU the weights (bf16 or fp32) are also pre-packed
+    for oneDNN where it can (`PackedLinear`), the feed-forward's GELU computed in its
+    first product (`fuse_gelu`); elsewhere Q, K and V are read as one matrix. The head
+    stays fp32 (`Fp32Head`)."""
     model = freeze(merge_for_good(model))
     head = model.out_head
     model.out_head = nn.Identity()  # not cast or packed with the blocks' Linears

@@ -1,12 +1,18 @@
-"""Frozen bf16 Linears with their weights pre-packed in oneDNN's blocked layout, for
-CPU inference (`inference.merged_for_inference`) and training (`packed_for_training`).
+"""Frozen Linears with their weights pre-packed in oneDNN's blocked layout, for CPU
+inference in bf16 or fp32 (`inference.merged_for_inference`) and training in bf16
+(`packed_for_training`).
 
 A plain weight is re-laid-out inside every oneDNN call; for the few rows of a message or
 a short batch that costs as much as the product itself (measured: one message's 73 GEMMs
 in 11 ms instead of 17, the same values; benchmarks/README.md). A training step's packed
 row of ~250 tokens is short too: its frozen products, and its input gradients from a
 packed copy of each weight's transpose, made epochs ~7% faster on an AMX Xeon, for
-~0.2 GB more peak RSS, the plain weights let go (benchmarks/README.md).
+~0.2 GB more peak RSS, the plain weights let go (benchmarks/README.md). In fp32, a
+layer's products take 4-8% less at a training step's ~256 rows and 5-23% at a message's
+32 (with AVX2 and with AVX-512), timed alone. Scoring packs them where oneDNN computes
+fp32 with AVX-512 (one message ~14% faster, batches ~7%), for no more memory; with AVX2
+only, a whole message scored slower packed. fp32 training does not pack: ~3% of a step
+on an AVX2 CPU, for ~0.34 GB more peak RSS.
 
 A packed layer holds its weight only packed: no plain copy is kept (the plain weight is
 let go with the Linear, or while training runs). A packed copy does not follow later
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import side_by_side, stored_together
+from .precision import cpu_computes_fp32_with_avx512
 
 
 def mkldnn_op(name: str):
@@ -52,18 +59,21 @@ class _FrozenProduct(torch.autograd.Function):
 
 
 class PackedLinear(nn.Module):
-    """A frozen bf16 CPU Linear whose weight is held only pre-packed for oneDNN (the
-    module docstring says why): packed when the layer is made, and no plain copy kept,
-    so a packed model holds its weights once. The input's gradient flows (from a packed
-    copy of the transpose, made at the first backward); the weight's and the bias's do
-    not: they are frozen. `dense_weight()` gives the weight back, bit for bit.
+    """A frozen CPU Linear (bf16, or fp32 for scoring) whose weight is held only
+    pre-packed for oneDNN (the module docstring says why): packed when the layer is
+    made, and no plain copy kept, so a packed model holds its weights once. The input's
+    gradient flows (from a packed copy of the transpose, made at the first backward);
+    the weight's and the bias's do not: they are frozen. `dense_weight()` gives the
+    weight back, bit for bit.
 
-    Every input takes the packed kernel, larger ones in equal chunks of at most
-    `PACKED_MAX_ROWS` rows (past ~450 rows the plain kernel won, on an AMX Xeon, by up
-    to 1.5x), so the path is chosen per model, not per batch. Within that path oneDNN
+    Every input takes the packed kernel, so the path is chosen per model, not per
+    batch: in bf16 larger ones in equal chunks of at most `PACKED_MAX_ROWS` rows (past
+    ~450 rows the plain kernel won, on an AMX Xeon, by up to 1.5x); in fp32 whole
+    (chunks cost 4-9% there past 768 rows, benchmarks/README.md). Within that path oneDNN
     still picks its blocking from a call's row count, so in bf16 a row's product can
     differ by a rounding step with the rows beside it (see `can_pack_bf16` for the
-    fallback, and benchmarks/README.md for what that does to a message's score).
+    fallback, and benchmarks/README.md for what that does to a message's score); in
+    fp32, by a few units in the last place.
 
     For scoring, the GELU after a layer can be computed in its product
     (`gelu_approximate`, set by `inference.fuse_gelu`); such a layer has no backward."""
@@ -107,7 +117,7 @@ class PackedLinear(nn.Module):
         return self._packed_transpose
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Cast as autocast would for the Linear: the result is the same bf16 product.
+        # Cast as autocast would for a bf16 Linear: the result is the same bf16 product.
         rows = x.to(self.packed_weight.dtype).reshape(-1, self.in_features)
         if rows.requires_grad and torch.is_grad_enabled():
             if self.gelu_approximate is not None:
@@ -125,11 +135,12 @@ class PackedLinear(nn.Module):
 
     def product(self, rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                 post_op: tuple[str, str] = ("none", "")) -> torch.Tensor:
-        """``rows @ W.T + bias`` for a packed W, in as few equal chunks of at most
-        `PACKED_MAX_ROWS` rows as it takes; with `post_op` (oneDNN's name and algorithm,
-        ``("gelu", "tanh")``) that function of it, applied before rounding to bf16."""
+        """``rows @ W.T + bias`` for a packed W, in bf16 in as few equal chunks of at
+        most `PACKED_MAX_ROWS` rows as it takes; with `post_op` (oneDNN's name and
+        algorithm, ``("gelu", "tanh")``) that function of it, applied before rounding."""
         name, algorithm = post_op
-        if len(rows) <= self.PACKED_MAX_ROWS:  # no torch.cat: it would copy the output
+        # No torch.cat where one call does: it would copy the output.
+        if packed.dtype != torch.bfloat16 or len(rows) <= self.PACKED_MAX_ROWS:
             return self._product(rows, packed, bias, name, [], algorithm)
         chunks = -(-len(rows) // self.PACKED_MAX_ROWS)
         return torch.cat([self._product(chunk, packed, bias, name, [], algorithm)
@@ -227,32 +238,52 @@ def can_pack_bf16() -> bool:
     AVX-512 BW/VL/DQ or AVX-NE-CONVERT; plain AVX2 CPUs cannot) and the packed product
     agrees with the plain one. The ops are private: where one is missing, renamed or
     changed, the answer is no and the plain bf16 Linear runs."""
+    return _packed_product_agrees(torch.bfloat16, atol=2 ** -6, rtol=2 ** -7)
+
+
+@functools.cache
+def can_pack_fp32() -> bool:
+    """`can_pack_bf16` for fp32 weights, held to fp32's precision, where oneDNN computes
+    fp32 with AVX-512: with AVX2 only it could, but scoring one message took ~4% longer
+    than from MKL's plain product (benchmarks/README.md)."""
+    return cpu_computes_fp32_with_avx512() and _packed_product_agrees(
+        torch.float32, atol=1e-6, rtol=1e-5)
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether a frozen Linear of `dtype` can be packed here (`can_pack_bf16`,
+    `can_pack_fp32`); for another dtype, no."""
+    check = {torch.bfloat16: can_pack_bf16, torch.float32: can_pack_fp32}.get(dtype)
+    return check is not None and check()
+
+
+def _packed_product_agrees(dtype: torch.dtype, atol: float, rtol: float) -> bool:
     reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
     if not torch.backends.mkldnn.is_available() or reorder is None or product is None:
         return False
-    weight = torch.linspace(-1, 1, 64, dtype=torch.bfloat16).view(8, 8)
-    x = torch.linspace(-2, 2, 24, dtype=torch.bfloat16).view(3, 8)
+    weight = torch.linspace(-1, 1, 64, dtype=dtype).view(8, 8)
+    x = torch.linspace(-2, 2, 24, dtype=dtype).view(3, 8)
     try:
         got = product(x, reorder(weight), None, "none", [], "")
     except (RuntimeError, TypeError, AttributeError):
         return False
-    return got.shape == (3, 8) and torch.allclose(got.float(), (x @ weight.T).float(),
-                                                  atol=2 ** -6, rtol=2 ** -7)
+    return got.shape == (3, 8) and got.dtype == dtype and torch.allclose(
+        got.float(), (x.double() @ weight.double().T).float(), atol=atol, rtol=rtol)
 
 
 @functools.cache
-def can_fuse_gelu(approximate: str) -> bool:
+def can_fuse_gelu(approximate: str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
-    a packed product, giving what `F.gelu` gives of the product within a bf16 rounding
-    step: near -3 the two forms differ by ~10%, so the wrong one fails. Where not (the
-    private op's arguments changed), GELU runs alone. Asked only of a layer already
-    packed (`can_pack_bf16`)."""
+    a packed product of `dtype`, giving what `F.gelu` gives of the product within a bf16
+    rounding step: near -3 the two forms differ by ~10%, so the wrong one fails. Where
+    not (the private op's arguments changed), GELU runs alone. Asked only of a layer
+    already packed (`can_pack`)."""
     reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
     if reorder is None or product is None:
         return False
-    x = torch.linspace(-4, 4, 48, dtype=torch.bfloat16).view(6, 8)
+    x = torch.linspace(-4, 4, 48, dtype=dtype).view(6, 8)
     try:
-        got = product(x, reorder(torch.eye(8, dtype=torch.bfloat16)), None, "gelu", [],
+        got = product(x, reorder(torch.eye(8, dtype=dtype)), None, "gelu", [],
                       approximate)
     except (RuntimeError, TypeError, AttributeError):
         return False
@@ -263,16 +294,19 @@ def can_fuse_gelu(approximate: str) -> bool:
 Frozen = tuple[nn.Module, str, nn.Linear]  # a frozen Linear: (parent, name, Linear)
 
 
-def _frozen_linears(model: nn.Module) -> list[list[Frozen]]:
-    """Every frozen bf16 CPU Linear of `model`, or none where oneDNN cannot pack (another
-    device, dtype, build or CPU), in groups: those whose weights lie one after another
-    in one storage (`GPTModel.store_qkv_together`), each with a bias or each without, in
-    storage order; each other Linear alone."""
+def _frozen_linears(model: nn.Module, dtypes: Sequence[torch.dtype]) -> list[list[Frozen]]:
+    """Every frozen CPU Linear of `model` of one of `dtypes` that oneDNN can pack here
+    (`can_pack`: not on another device, build or CPU), in groups: those whose weights
+    lie one after another in one storage (`GPTModel.store_qkv_together`), each with a
+    bias or each without, in storage order; each other Linear alone."""
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.device.type == "cpu"
-               and module.weight.dtype == torch.bfloat16
+               and module.weight.dtype in dtypes
                and not any(p.requires_grad for p in module.parameters())]
-    if not targets or not can_pack_bf16():
+    packable = {dtype for dtype in {module.weight.dtype for _, module in targets}
+                if can_pack(dtype)}
+    targets = [(name, module) for name, module in targets if module.weight.dtype in packable]
+    if not targets:
         return []
     by_storage: dict[int, list[Frozen]] = {}
     for name, linear in targets:
@@ -297,10 +331,10 @@ def _packed(group: list[Frozen]) -> list[PackedLinear | PackedPart]:
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Every frozen bf16 CPU Linear of `model` replaced by a `PackedLinear` (Q, K and V
-    stored together by `PackedPart`s of one), in place, for good (inference): the plain
-    weights are let go with the Linears."""
-    for group in _frozen_linears(model):
+    """Every frozen bf16 or fp32 CPU Linear of `model` replaced by a `PackedLinear` (Q,
+    K and V stored together by `PackedPart`s of one), in place, for good (inference):
+    the plain weights are let go with the Linears."""
+    for group in _frozen_linears(model, (torch.bfloat16, torch.float32)):
         for (parent, name, _), layer in zip(group, _packed(group), strict=True):
             parent.register_module(name, layer)
     return model
@@ -315,7 +349,7 @@ def packed_for_training(model: nn.Module) -> Iterator[nn.Module]:
     copies, the weights and their transposes, ~340 MB for GPT-2 124M, then replace
     ~170 MB of plain ones instead of adding to them."""
     swapped: list[_Swap] = []
-    groups = _frozen_linears(model)
+    groups = _frozen_linears(model, (torch.bfloat16,))
     # A weight whose memory another tensor of the model also holds (tied, as GPT-2's head
     # and token embedding) is kept: letting it go would take it from that tensor too, or
     # free nothing.

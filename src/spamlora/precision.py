@@ -46,6 +46,15 @@ def onednn_capped_below_bf16() -> bool:
     return not any(part in cap for part in ("BF16", "AMX", "FP16", "AVX10"))
 
 
+def cpu_computes_fp32_with_avx512() -> bool:
+    """Whether ATen and oneDNN compute fp32 with AVX-512 here: the CPU has it and
+    neither `ATEN_CPU_CAPABILITY` nor `ONEDNN_MAX_CPU_ISA` caps them below it."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap not in ("", "ALL", "DEFAULT") and not cap.startswith(("AVX512", "AVX10")):
+        return False
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AMX or AVX-512-BF16) that oneDNN may use.
     torch answers through private functions; where a torch release lacks them, Linux's
