@@ -38,7 +38,15 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_speed import README, REPO, RESULTS, SHARED, cpu_description, machine  # noqa: E402
+from train_speed import (  # noqa: E402
+    README,
+    REPO,
+    RESULTS,
+    SHARED,
+    capped,
+    cpu_description,
+    machine,
+)
 
 ROW8_START, ROW8_END = "<!-- book-row-8:start -->", "<!-- book-row-8:end -->"
 STAGE_START, STAGE_END = "<!-- train-stage:start -->", "<!-- train-stage:end -->"
@@ -131,7 +139,7 @@ def _eval(run: dict, split: str) -> float:
 
 def report_lines(report: dict) -> tuple[list[str], list[str]]:
     host = (f"Measured {report['date']} on {report['cpu']} ({report['machine']}; flags "
-            f"{' '.join(report['cpu_flags'])}), torch {report['torch']}, "
+            f"{' '.join(report['cpu_flags'])}{capped(report)}), torch {report['torch']}, "
             f"{report['threads']} threads, load average {report['load_average_before'][0]:.2f} "
             "before.")
     row8_lines, stage_lines = [], []

@@ -10,9 +10,9 @@ packed copy of each weight's transpose, made epochs ~7% faster on an AMX Xeon, f
 ~0.2 GB more peak RSS, the plain weights let go (benchmarks/README.md). In fp32, a
 layer's products take 4-8% less at a training step's ~256 rows and 5-23% at a message's
 32 (with AVX2 and with AVX-512), timed alone. Scoring packs them where oneDNN computes
-fp32 with AVX-512 (one message ~14% faster, batches ~7%), for no more memory; with AVX2
-only, a whole message scored slower packed. fp32 training does not pack: ~3% of a step
-on an AVX2 CPU, for ~0.34 GB more peak RSS.
+fp32 with AVX-512 (one message in 13-14% less time, batches 5-7% faster), for no more
+peak memory; with AVX2 only, a whole message scored slower packed. fp32 training does
+not pack: a few percent of a step by those figures, for ~0.34 GB more peak RSS.
 
 A packed layer holds its weight only packed: no plain copy is kept (the plain weight is
 let go with the Linear, or while training runs). A packed copy does not follow later
@@ -274,10 +274,10 @@ def _packed_product_agrees(dtype: torch.dtype, atol: float, rtol: float) -> bool
 @functools.cache
 def can_fuse_gelu(approximate: str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
-    a packed product of `dtype`, giving what `F.gelu` gives of the product within a bf16
-    rounding step: near -3 the two forms differ by ~10%, so the wrong one fails. Where
-    not (the private op's arguments changed), GELU runs alone. Asked only of a layer
-    already packed (`can_pack`)."""
+    a packed product of `dtype`, giving what `F.gelu` gives of the product within a
+    rounding step of `dtype` (2**-7 in bf16, 1e-5 in fp32): near -3 the two forms differ
+    by ~10%, so the wrong one fails. Where not (the private op's arguments changed),
+    GELU runs alone. Asked only of a layer already packed (`can_pack`)."""
     reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
     if reorder is None or product is None:
         return False
@@ -288,7 +288,8 @@ def can_fuse_gelu(approximate: str, dtype: torch.dtype = torch.bfloat16) -> bool
     except (RuntimeError, TypeError, AttributeError):
         return False
     return got.shape == x.shape and torch.allclose(
-        got.float(), F.gelu(x.float(), approximate=approximate), atol=1e-6, rtol=2 ** -7)
+        got.float(), F.gelu(x.float(), approximate=approximate), atol=1e-6,
+        rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
 
 
 Frozen = tuple[nn.Module, str, nn.Linear]  # a frozen Linear: (parent, name, Linear)
@@ -334,10 +335,18 @@ def pack_linears(model: nn.Module) -> nn.Module:
     """Every frozen bf16 or fp32 CPU Linear of `model` replaced by a `PackedLinear` (Q,
     K and V stored together by `PackedPart`s of one), in place, for good (inference):
     the plain weights are let go with the Linears."""
-    for group in _frozen_linears(model, (torch.bfloat16, torch.float32)):
-        for (parent, name, _), layer in zip(group, _packed(group), strict=True):
-            parent.register_module(name, layer)
+    groups = _frozen_linears(model, (torch.bfloat16, torch.float32))
+    # One group at a time, each let go once replaced (nothing else here holds it): the
+    # plain weights held until the end lay beside all the packed copies, +0.2 GB of
+    # scoring's peak RSS for GPT-2 124M in fp32 (benchmarks/README.md).
+    while groups:
+        _put_packed(groups.pop())
     return model
+
+
+def _put_packed(group: list[Frozen]) -> None:
+    for (parent, name, _), layer in zip(group, _packed(group), strict=True):
+        parent.register_module(name, layer)
 
 
 @contextlib.contextmanager
