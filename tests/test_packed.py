@@ -168,13 +168,19 @@ def test_fp32_is_packed_only_where_onednn_computes_it_with_avx512(monkeypatch):
     """With AVX2 only, a whole message scored ~4% slower from packed fp32 weights than
     from MKL's plain product (benchmarks/README.md): there nothing fp32 is packed."""
     monkeypatch.setattr(packed, "cpu_computes_fp32_with_avx512", lambda: False)
-    packed.can_pack_fp32.cache_clear()
-    try:
-        assert not packed.can_pack_fp32()
-        model = pack_linears(nn.Sequential(nn.Linear(8, 8).requires_grad_(False)))
-    finally:
-        packed.can_pack_fp32.cache_clear()
+    # Asked afresh (not from the cache, which stays as it was for the other tests).
+    monkeypatch.setattr(packed, "can_pack_fp32", packed.can_pack_fp32.__wrapped__)
+    assert not packed.can_pack_fp32()
+    model = pack_linears(nn.Sequential(nn.Linear(8, 8).requires_grad_(False)))
     assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.skipif(not packed.can_pack_fp32(), reason="oneDNN computes fp32 without "
+                    "AVX-512 here: fp32 weights are not packed")
+def test_packed_fp32_scoring_fuses_gelu():
+    """Where fp32 is packed, oneDNN's fused GELU passes fp32's check, both forms: else
+    scoring would quietly run GELU alone."""
+    assert can_fuse_gelu("tanh", torch.float32) and can_fuse_gelu("none", torch.float32)
 
 
 @pytest.mark.skipif(not packed.can_pack_fp32(), reason="oneDNN computes fp32 without "
@@ -211,7 +217,7 @@ def test_training_packs_no_fp32_linear(monkeypatch):
         assert [type(m) for m in model] == [PackedLinear, nn.Linear]
 
 
-def test_packing_lets_each_plain_weight_go_before_packing_the_next():
+def test_packing_lets_each_plain_weight_go_before_packing_the_next(monkeypatch):
     """Scoring's peak memory: a plain weight is let go as soon as its packed copy has
     replaced it, not after all are packed (all plain weights beside all packed copies
     raised scoring's peak RSS by 0.19 GB for GPT-2 124M in fp32)."""
@@ -224,11 +230,12 @@ def test_packing_lets_each_plain_weight_go_before_packing_the_next():
         let_go_before.append(sum(weight.expired() for weight in plain))
         return real(group)
 
-    packed._packed, saved = packing, packed._packed
+    monkeypatch.setattr(packed, "_packed", packing)
+    gc.disable()  # let go by reference counts alone, not by a collection in between
     try:
         pack_linears(model)
     finally:
-        packed._packed = saved
+        gc.enable()
     assert let_go_before == [0, 1, 2]
     assert all(weight.expired() for weight in plain)
 
@@ -315,9 +322,11 @@ def test_a_product_with_gelu_fused_in_is_the_linear_then_gelu_within_rounding(ro
     assert (got.float() - exact).abs().mean() < (alone.float() - exact).abs().mean()
 
 
-def test_fusing_gelu_is_refused_where_onednn_would_compute_the_other_form(monkeypatch):
-    """The check behind `can_fuse_gelu` tells GELU(tanh) from GELU(erf): an op that
-    ignored the form asked for (here: always erf) is not used."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fusing_gelu_is_refused_where_onednn_would_compute_the_other_form(monkeypatch,
+                                                                         dtype):
+    """The check behind `can_fuse_gelu` tells GELU(tanh) from GELU(erf) in bf16 and in
+    fp32: an op that ignored the form asked for (here: always erf) is not used."""
     real = packed.mkldnn_op("_linear_pointwise")
 
     def erf_only(x, w, b, attr, scalars, algorithm):
@@ -327,8 +336,8 @@ def test_fusing_gelu_is_refused_where_onednn_would_compute_the_other_form(monkey
                         "_linear_pointwise" else getattr(torch.ops.mkldnn, name))
     packed.can_fuse_gelu.cache_clear()
     try:
-        assert packed.can_fuse_gelu("none")
-        assert not packed.can_fuse_gelu("tanh")
+        assert packed.can_fuse_gelu("none", dtype)
+        assert not packed.can_fuse_gelu("tanh", dtype)
     finally:
         packed.can_fuse_gelu.cache_clear()
 

@@ -274,8 +274,8 @@ def _packed_product_agrees(dtype: torch.dtype, atol: float, rtol: float) -> bool
 @functools.cache
 def can_fuse_gelu(approximate: str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN computes GELU (`approximate`: "tanh" or "none", as `nn.GELU`'s) in
-    a packed product of `dtype`, giving what `F.gelu` gives of the product within a
-    rounding step of `dtype` (2**-7 in bf16, 1e-5 in fp32): near -3 the two forms differ
+    a packed product of `dtype`, giving what `F.gelu` gives of the product within bf16's
+    rounding step (2**-7) or fp32's usual 1e-5: near -3 the two forms differ
     by ~10%, so the wrong one fails. Where not (the private op's arguments changed),
     GELU runs alone. Asked only of a layer already packed (`can_pack`)."""
     reorder, product = mkldnn_op("_reorder_linear_weight"), mkldnn_op("_linear_pointwise")
