@@ -303,10 +303,8 @@ def _frozen_linears(model: nn.Module, dtypes: Sequence[torch.dtype]) -> list[lis
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.device.type == "cpu"
                and module.weight.dtype in dtypes
-               and not any(p.requires_grad for p in module.parameters())]
-    packable = {dtype for dtype in {module.weight.dtype for _, module in targets}
-                if can_pack(dtype)}
-    targets = [(name, module) for name, module in targets if module.weight.dtype in packable]
+               and not any(p.requires_grad for p in module.parameters())
+               and can_pack(module.weight.dtype)]
     if not targets:
         return []
     by_storage: dict[int, list[Frozen]] = {}

@@ -37,20 +37,26 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+def onednn_cap() -> str | None:
+    """The instruction set `ONEDNN_MAX_CPU_ISA` caps oneDNN at, upper-cased; None where
+    it sets no cap."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return None if cap in ("", "ALL", "DEFAULT") else cap
+
+
 def onednn_capped_below_bf16() -> bool:
     """Whether `ONEDNN_MAX_CPU_ISA` keeps oneDNN off this CPU's bf16 instructions (AVX2,
     AVX512_CORE, ...): it then emulates bf16, more slowly than it computes fp32."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap in ("", "ALL", "DEFAULT"):
-        return False
-    return not any(part in cap for part in ("BF16", "AMX", "FP16", "AVX10"))
+    cap = onednn_cap()
+    return cap is not None and not any(part in cap for part in ("BF16", "AMX", "FP16",
+                                                                "AVX10"))
 
 
 def cpu_computes_fp32_with_avx512() -> bool:
     """Whether ATen and oneDNN compute fp32 with AVX-512 here: the CPU has it and
     neither `ATEN_CPU_CAPABILITY` nor `ONEDNN_MAX_CPU_ISA` caps them below it."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap not in ("", "ALL", "DEFAULT") and not cap.startswith(("AVX512", "AVX10")):
+    cap = onednn_cap()
+    if cap is not None and not cap.startswith(("AVX512", "AVX10")):
         return False
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
