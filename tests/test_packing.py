@@ -168,3 +168,71 @@ def test_packed_and_padded_random_batches_follow_the_same_trajectory(tiny_gpt2):
     for a, b in zip(packed.epochs, padded.epochs, strict=True):
         assert a.val_accuracy == b.val_accuracy
         assert abs(a.val_loss - b.val_loss) < 1e-4
+
+
+def tiles_of_messages(n_tiles: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A (tiles, 1, width, width) bool mask as `Packing` builds it: a few messages a tile,
+    each attending causally within itself."""
+    g = torch.Generator().manual_seed(seed)
+    message = torch.randint(0, 4, (n_tiles, width), generator=g).sort(dim=1).values
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return ((message[:, :, None] == message[:, None, :]) & causal)[:, None]
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)])
+def test_masked_attention_gives_the_math_kernels_values_and_gradients(dtype, atol):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask = tiles_of_messages(3, 24)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(3, 4, 24, 16, generator=g).to(dtype) for _ in range(3)]
+    grad_out = torch.randn(3, 4, 24, 16, generator=g).to(dtype)
+    results = []
+    for by_hand in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        if by_hand:
+            y = model_module.masked_attention(q, k, v, mask, 0.0)
+        else:
+            with sdpa_kernel([SDPBackend.MATH]):
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y.backward(grad_out)
+        results.append((y, q.grad, k.grad, v.grad))
+    for got, want, name in zip(*results, ("output", "dq", "dk", "dv"), strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=name)
+
+
+def test_masked_attention_drops_out_attention_weights():
+    mask = tiles_of_messages(2, 16)
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    plain = model_module.masked_attention(q, k, v, mask, 0.0)
+    torch.manual_seed(3)
+    dropped = model_module.masked_attention(q, k, v, mask, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(dropped, model_module.masked_attention(q, k, v, mask, 0.5))
+    assert not torch.allclose(dropped, plain)
+
+
+def test_packed_training_attends_by_masked_attention_and_scoring_by_sdpa(tiny_gpt2,
+                                                                      monkeypatch):
+    """Where a backward follows on a CPU, tiles of several messages attend by
+    `masked_attention`; without one (scoring), by SDPA's default kernel, whose forward is
+    the faster."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].requires_grad)
+        return masked_attention(*args)
+
+    masked_attention = model_module.masked_attention
+    monkeypatch.setattr(model_module, "masked_attention", counted)
+    model = classifier(tiny_gpt2).train()
+    ids = messages(CASES["mixed"])
+    packed = batching.pack(ids, list(range(len(ids))), pad_id=0, max_width=256)
+    assert packed.packing.tile_mask is not None  # tiles of several messages
+    packed.logits(model).sum().backward()
+    assert calls and all(calls)
+    calls.clear()
+    with torch.no_grad():
+        packed.logits(model.eval())
+    assert calls == []
