@@ -125,23 +125,6 @@ def gather_heads(y: torch.Tensor, index: torch.Tensor, n_heads: int) -> torch.Te
     return picked.view(*index.shape, n_heads, d // n_heads).transpose(1, 2)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     dropout: float) -> torch.Tensor:
-    """Softmax attention of (n, heads, m, head dim) q, k, v where the bool `mask` (n, 1,
-    m, m) allows, as SDPA's "math" kernel computes it on a CPU, to fp32 rounding (fp32 for bf16
-    inputs, the output in the inputs' dtype), for CPU training, where that kernel's
-    backward is the fastest (`precision.attention_kernels`), without its guard for rows
-    that attend to nothing (isneginf, all and where over every score, and where's
-    backward): each token of a tile attends to itself at least. GPT-2 124M's bf16
-    training steps ~4% faster on an AMD EPYC (A/B in one process, benchmarks/README.md)."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale)
-    scores = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
-    if dropout:
-        scores = F.dropout(scores, dropout)
-    return torch.matmul(scores, v.float()).to(q.dtype)
-
-
 @dataclass(frozen=True)
 class Packing:
     """How several messages lie end to end in the rows of a token batch (`idx`).
@@ -212,14 +195,10 @@ class Packing:
         """Attention of (rows, width, d) projections, each message within itself."""
         rows, width, d = q.shape
         tiles, tile_width = self.gather.shape
-        q, k, v = (gather_heads(y, self.gather, n_heads) for y in (q, k, v))
-        if self.tile_mask is not None and q.requires_grad and q.device.type == "cpu":
-            y = masked_attention(q, k, v, self.tile_mask[:, None], dropout)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout,
-                attn_mask=None if self.tile_mask is None else self.tile_mask[:, None],
-                is_causal=self.tile_mask is None)
+        y = F.scaled_dot_product_attention(
+            *(gather_heads(y, self.gather, n_heads) for y in (q, k, v)), dropout_p=dropout,
+            attn_mask=None if self.tile_mask is None else self.tile_mask[:, None],
+            is_causal=self.tile_mask is None)
         y = y.transpose(1, 2).reshape(tiles * tile_width, d).index_select(0, self.slots)
         return y.new_zeros(rows * width, d).index_copy(0, self.tokens, y).view(rows, width, d)
 

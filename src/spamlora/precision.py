@@ -119,10 +119,8 @@ CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 def attention_kernels(device: torch.device, training: bool):
     """The attention kernels to use. On CPU for training, the plain "math" kernel: for
     SMS-length sequences the CPU flash-attention kernel's backward took ~20% of a step,
-    the math kernel a fraction of that, and it is deterministic (packed tiles of several
-    messages attend by `model.masked_attention`, the same computation less a guard no
-    tile needs); inference keeps the default, whose forward is faster
-    (benchmarks/README.md). On CUDA every kernel but
+    the math kernel a fraction of that, and it is deterministic; inference keeps the
+    default, whose forward is faster (benchmarks/README.md). On CUDA every kernel but
     cuDNN's (`CUDA_ATTENTION`); results there are not bitwise reproducible run to run
     (docs/training.md)."""
     if device.type == "cpu":
