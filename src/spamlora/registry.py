@@ -243,13 +243,17 @@ def promote(run_id: str | None = None, exp: str | None = None, best: str | None 
 def _check_alias(alias: str) -> None:
     """MLflow's own rules for alias names, checked before anything is registered."""
     import mlflow
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-    )
+    from mlflow.utils import validation
 
+    # Private functions, renamed in MLflow 3.18 (_validate_model_alias_name before). Where
+    # neither name is found, MLflow still refuses a bad alias when it is set.
+    checks = [getattr(validation, new, None) or getattr(validation, old, None)
+              for new, old in (("_validate_alias_name", "_validate_model_alias_name"),
+                               ("_validate_alias_name_reserved",
+                                "_validate_model_alias_name_reserved"))]
     try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
+        for check in checks:
+            if check is not None:
+                check(alias)
     except mlflow.exceptions.MlflowException as e:
         raise PromotionError(f"--alias {alias!r}: {e.message}") from None
