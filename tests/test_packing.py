@@ -168,3 +168,44 @@ def test_packed_and_padded_random_batches_follow_the_same_trajectory(tiny_gpt2):
     for a, b in zip(packed.epochs, padded.epochs, strict=True):
         assert a.val_accuracy == b.val_accuracy
         assert abs(a.val_loss - b.val_loss) < 1e-4
+
+
+@pytest.mark.parametrize("token", ["last", "first", "mean"])
+def test_scoring_packs_each_batch_and_scores_each_message_as_alone(tiny_gpt2, monkeypatch,
+                                                                   token):
+    """Scoring (validation, evaluate, predict, the served model) packs each length-sorted
+    batch in rows of `SCORING_ROW_WIDTH` tokens: fewer tokens computed than padding each
+    batch to its longest, each message scored as alone (fp32), by the training-time model
+    and the merged one, a message longer than a row in a row of its own."""
+    from spamlora.inference import merged_for_inference, predict_logits
+
+    monkeypatch.setattr(batching, "SCORING_ROW_WIDTH", 64)
+    ids = messages([5, 31, 1, 17, 100, 2, 40, 9, 23, 3, 64])
+    cpu = torch.device("cpu")
+    layouts, batches = [], batching.batches
+
+    def recording(*args):
+        for batch in batches(*args):
+            layouts.append(batch)
+            yield batch
+
+    monkeypatch.setattr(batching, "batches", recording)
+    model = classifier(tiny_gpt2).train()
+    model.token = token
+    for scored in (model, merged_for_inference(classifier(tiny_gpt2))):
+        scored.token = token
+        alone = np.concatenate([predict_logits(scored, [seq], 0, 1, cpu) for seq in ids])
+        assert all(b.packing is None and b.ids.shape == (1, len(seq))
+                   for b, seq in zip(layouts, ids, strict=True))  # exact, a row each
+        layouts.clear()
+        got = predict_logits(scored, ids, 0, 4, cpu)
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+        assert [b.packing is not None for b in layouts] == [True, True, True]
+        # batches of 4, the longest first: 100 | 64 | 40 + 31 in rows of 100 (a row is as
+        # wide as the longest message), then 23 + 17 + 9 + 5, then 3 + 2 + 1
+        assert [b.ids.shape for b in layouts] == [(3, 100), (1, 54), (1, 6)]
+        padded = sum(max(map(len, (ids[i] for i in b.index))) * len(b.index)
+                     for b in layouts)
+        assert sum(b.ids.numel() for b in layouts) < padded
+        layouts.clear()
+    assert model.training  # scoring put training mode back

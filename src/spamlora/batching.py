@@ -5,12 +5,12 @@ exact per message (the classifier reads its own tokens only: its last, its first
 their mean, `train.token`):
 - padded: one message a row, right-padded with the tokenizer's `<|endoftext|>` id to the
   batch's longest; causal attention keeps the padding out of every real token's view.
-- packed (training's default): the messages laid end to end in one row (more only when
-  they would pass the model's context), attention within each message (in tiles of
-  whole messages, `model.ATTENTION_TILE`), positions restarting at 0 (`model.Packing`).
-  No padding between messages, so a batch drawn at random, whatever its mix of
-  lengths, computes its real tokens and only the few pad tokens that round its row up
-  (`packed_row_multiple`).
+- packed (training's default, and scoring's): the messages laid end to end in one row
+  (more only when they would pass the model's context, or in scoring `SCORING_ROW_WIDTH`),
+  attention within each message (in tiles of whole messages, `model.ATTENTION_TILE`),
+  positions restarting at 0 (`model.Packing`). No padding between messages, so a batch
+  drawn at random, whatever its mix of lengths, computes its real tokens and only the
+  few pad tokens that round its row up (`packed_row_multiple`).
 GPT-2 tokens per SMS average ~30 (max ~120): padding every batch to the longest message
 would compute ~4x the real tokens, padding random batches to their own longest ~1.8x.
 """
@@ -31,8 +31,8 @@ GROUP_WINDOW_BATCHES = 32
 # Training batch widths are rounded up to a multiple of this (a packed row's where the
 # CPU computes bf16: `packed_row_multiple`): a few pad tokens buy far fewer distinct
 # GEMM shapes, each of which oneDNN caches a primitive for (measured: ~6% faster and
-# ~550 MB less peak RSS an epoch). Inference pads exactly: rounding there cost ~8% of
-# throughput and saved nothing.
+# ~550 MB less peak RSS an epoch). Scoring rounds nothing: rounding its padded batches
+# cost ~8% of throughput and saved nothing.
 PAD_MULTIPLE = 8
 # Where oneDNN computes bf16 on the CPU, it JIT-compiles its kernels for each new row
 # count (~26 primitives, ~65 ms, kept in its cache), and packed rows of 8 SMS met ~28
@@ -40,6 +40,13 @@ PAD_MULTIPLE = 8
 # (on an AMX Xeon, two epochs: 6% faster, peak RSS 2.2 -> 1.6 GB; benchmarks/README.md).
 # In fp32 a new shape costs less and the pad tokens more (32 was ~6% slower there).
 BF16_CPU_ROW_MULTIPLE = 32
+# Scoring packs each length-sorted batch's messages, longest first, in rows of up to this
+# many tokens: the validation split's 149 SMS then compute 5,509 tokens for their 4,879,
+# where batches of 64 padded to their longest computed 7,313. On the AMD EPYC (GPT-2
+# 124M, bf16) a validation pass of training took 3.9 s against 4.9 padded, evaluate's
+# scoring 29.1 against 31.5; rows of 128 or 512 were slower than 256
+# (benchmarks/README.md). Rows are not rounded up: scoring meets few widths.
+SCORING_ROW_WIDTH = 256
 
 
 def packed_row_multiple(device: torch.device, dtype: torch.dtype) -> int:
@@ -165,5 +172,12 @@ def inference_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def batches(token_ids: Sequence[Sequence[int]], order: list[list[int]],
             pad_id: int) -> Iterator[Batch]:
+    """Scoring's batches, `order`'s (`inference_order`): the messages of each packed in
+    rows of `SCORING_ROW_WIDTH` tokens (wider only for a longer message), a message
+    alone in a row of its own length."""
     for index in order:
-        yield collate(token_ids, index, pad_id)
+        if len(index) == 1:
+            yield collate(token_ids, index, pad_id)
+        else:
+            longest = max(len(token_ids[i]) for i in index)
+            yield pack(token_ids, index, pad_id, max(SCORING_ROW_WIDTH, longest))

@@ -1,5 +1,6 @@
-"""Scoring with LoRA merged: length-sorted batches, and weights pre-packed for oneDNN
-(`packed`), the feed-forward's GELU computed in its first product (`fuse_gelu`)."""
+"""Scoring with LoRA merged: length-sorted batches packed in rows, weights pre-packed
+for oneDNN (`packed`), the feed-forward's GELU computed in its first product
+(`fuse_gelu`)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def predict_logits(model: GPTModel, token_ids: list[list[int]], pad_id: int,
                    batch_size: int, device: torch.device,
                    dtype: torch.dtype = torch.float32,
                    cache: PrefixCache | None = None) -> np.ndarray:
-    """Class logits (n, num_classes) in input order, from length-sorted batches; with
-    `cache` (of `token_ids`), the blocks it holds the output of are not run."""
+    """Class logits (n, num_classes) in input order, from length-sorted batches, each
+    packed in rows (`batching.batches`); with `cache` (of `token_ids`), the blocks it
+    holds the output of are not run."""
     # Only the modules in training mode are switched, and back: `model.eval()` and
     # `model.train()` walk all of GPT-2 124M's ~480 modules, ~1 ms each, where one
     # short message is scored in ~20 (benchmarks/README.md).
