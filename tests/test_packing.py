@@ -191,7 +191,6 @@ def test_scoring_packs_each_batch_and_scores_each_message_as_alone(tiny_gpt2, mo
 
     monkeypatch.setattr(batching, "batches", recording)
     model = classifier(tiny_gpt2).train()
-    model.token = token
     for scored in (model, merged_for_inference(classifier(tiny_gpt2))):
         scored.token = token
         alone = np.concatenate([predict_logits(scored, [seq], 0, 1, cpu) for seq in ids])
@@ -209,3 +208,9 @@ def test_scoring_packs_each_batch_and_scores_each_message_as_alone(tiny_gpt2, mo
         assert sum(b.ids.numel() for b in layouts) < padded
         layouts.clear()
     assert model.training  # scoring put training mode back
+    # Messages too long to share a row: padded, one a row (no more tokens, no gathers)
+    long = messages([100, 90, 70])
+    got = predict_logits(model, long, 0, 4, cpu)
+    assert [(b.packing, b.ids.shape) for b in layouts] == [(None, (3, 100))]
+    np.testing.assert_allclose(got, np.concatenate(
+        [predict_logits(model, [seq], 0, 1, cpu) for seq in long]), atol=1e-5, rtol=0)

@@ -378,7 +378,8 @@ def own_messages(classes: list[str], per_class: int) -> list[tuple[str, str]]:
 # A text format with three classes, and the binary one with two, the positive first.
 # Reading each format (jsonl and tsv too) is tested without DVC in test_own_data.py; the
 # rest of the way, tested here, is the same for every format. The three classes' model is
-# also served (the served answer of two classes: the mode test above).
+# also served: over HTTP the answer is the pyfunc's, whose form with two classes, the
+# positive first, is tested in test_classes.py.
 @pytest.mark.parametrize("fmt, classes", [("csv", ["billing", "delivery", "promotion"]),
                                           ("parquet", ["urgent", "later"])])
 def test_own_labelled_file_is_one_experiment_scored_with_its_own_names(

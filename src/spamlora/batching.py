@@ -10,7 +10,9 @@ their mean, `train.token`):
   attention within each message (in tiles of whole messages, `model.ATTENTION_TILE`),
   positions restarting at 0 (`model.Packing`). No padding between messages, so a batch
   drawn at random, whatever its mix of lengths, computes its real tokens and only the
-  few pad tokens that round its row up (`packed_row_multiple`).
+  few pad tokens that round its row up (`packed_row_multiple`); in scoring's rows of
+  several, also what the fullest row leaves unfilled in the others (~13% of the
+  validation split's tokens).
 GPT-2 tokens per SMS average ~30 (max ~120): padding every batch to the longest message
 would compute ~4x the real tokens, padding random batches to their own longest ~1.8x.
 """
@@ -44,7 +46,7 @@ BF16_CPU_ROW_MULTIPLE = 32
 # many tokens: the validation split's 149 SMS then compute 5,509 tokens for their 4,879,
 # where batches of 64 padded to their longest computed 7,313. On the AMD EPYC (GPT-2
 # 124M, bf16) a validation pass of training took 3.9 s against 4.9 padded, evaluate's
-# scoring 29.1 against 31.5; rows of 128 or 512 were slower than 256
+# scoring 29.1 against 31.5; rows of 128 were slower, of 512 no faster
 # (benchmarks/README.md). Rows are not rounded up: scoring meets few widths.
 SCORING_ROW_WIDTH = 256
 
@@ -173,11 +175,11 @@ def inference_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def batches(token_ids: Sequence[Sequence[int]], order: list[list[int]],
             pad_id: int) -> Iterator[Batch]:
     """Scoring's batches, `order`'s (`inference_order`): the messages of each packed in
-    rows of `SCORING_ROW_WIDTH` tokens (wider only for a longer message), a message
-    alone in a row of its own length."""
+    rows of `SCORING_ROW_WIDTH` tokens (wider only for a longer message); padded, one
+    message a row, where that computes no more tokens (a message alone, or messages
+    too long to share a row), sparing the packed attention's gathers."""
     for index in order:
-        if len(index) == 1:
-            yield collate(token_ids, index, pad_id)
-        else:
-            longest = max(len(token_ids[i]) for i in index)
-            yield pack(token_ids, index, pad_id, max(SCORING_ROW_WIDTH, longest))
+        longest = max(len(token_ids[i]) for i in index)
+        packed = pack(token_ids, index, pad_id, max(SCORING_ROW_WIDTH, longest))
+        yield (packed if packed.ids.numel() < len(index) * longest
+               else collate(token_ids, index, pad_id))
