@@ -208,9 +208,12 @@ def test_scoring_packs_each_batch_and_scores_each_message_as_alone(tiny_gpt2, mo
         assert sum(b.ids.numel() for b in layouts) < padded
         layouts.clear()
     assert model.training  # scoring put training mode back
-    # Messages too long to share a row: padded, one a row (no more tokens, no gathers)
-    long = messages([100, 90, 70])
-    got = predict_logits(model, long, 0, 4, cpu)
-    assert [(b.packing, b.ids.shape) for b in layouts] == [(None, (3, 100))]
-    np.testing.assert_allclose(got, np.concatenate(
-        [predict_logits(model, [seq], 0, 1, cpu) for seq in long]), atol=1e-5, rtol=0)
+    # Messages too long to share a row, or as long as each other: padded, one a row
+    # (packing would compute as many tokens, and add its gathers)
+    for unpackable, shape in (([100, 90, 70], (3, 100)), ([5, 5, 5, 5], (4, 5))):
+        ids = messages(unpackable)
+        layouts.clear()
+        got = predict_logits(model, ids, 0, 4, cpu)
+        assert [(b.packing, b.ids.shape) for b in layouts] == [(None, shape)]
+        np.testing.assert_allclose(got, np.concatenate(
+            [predict_logits(model, [seq], 0, 1, cpu) for seq in ids]), atol=1e-5, rtol=0)

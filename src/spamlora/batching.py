@@ -128,6 +128,20 @@ def pack(token_ids: Sequence[Sequence[int]], index: Sequence[int], pad_id: int,
     `max_width` tokens as that takes (one for SMS-sized batches); the width is the fullest
     row's, rounded up to `multiple` (never past `max_width`)."""
     lengths = [len(token_ids[i]) for i in index]
+    rows, starts, n_rows, width = row_layout(lengths, max_width, multiple)
+    row_ids = [[] for _ in range(n_rows)]
+    for i, row in zip(index, rows, strict=True):
+        row_ids[row].extend(token_ids[i])
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in row_ids], dtype=torch.long)
+    return Batch(ids, torch.tensor(lengths, dtype=torch.long),
+                 torch.tensor(list(index), dtype=torch.long),
+                 Packing.build(rows, starts, lengths, n_rows, width))
+
+
+def row_layout(lengths: Sequence[int], max_width: int,
+               multiple: int = 1) -> tuple[list[int], list[int], int, int]:
+    """Where `pack` lays messages of `lengths` end to end, in order: each one's row and
+    start column, the number of rows, and their width."""
     if max(lengths) > max_width:
         raise ValueError(f"a message of {max(lengths)} tokens does not fit in rows of "
                          f"{max_width}")
@@ -138,14 +152,7 @@ def pack(token_ids: Sequence[Sequence[int]], index: Sequence[int], pad_id: int,
         rows.append(len(fill) - 1)
         starts.append(fill[-1])
         fill[-1] += n
-    width = min(-(-max(fill) // multiple) * multiple, max_width)
-    row_ids = [[] for _ in fill]
-    for i, row in zip(index, rows, strict=True):
-        row_ids[row].extend(token_ids[i])
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in row_ids], dtype=torch.long)
-    return Batch(ids, torch.tensor(lengths, dtype=torch.long),
-                 torch.tensor(list(index), dtype=torch.long),
-                 Packing.build(rows, starts, lengths, len(fill), width))
+    return rows, starts, len(fill), min(-(-max(fill) // multiple) * multiple, max_width)
 
 
 def training_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
@@ -176,10 +183,15 @@ def batches(token_ids: Sequence[Sequence[int]], order: list[list[int]],
             pad_id: int) -> Iterator[Batch]:
     """Scoring's batches, `order`'s (`inference_order`): the messages of each packed in
     rows of `SCORING_ROW_WIDTH` tokens (wider only for a longer message); padded, one
-    message a row, where that computes no more tokens (a message alone, or messages
-    too long to share a row), sparing the packed attention's gathers."""
+    message a row, where that computes no more tokens (a message alone, messages too
+    long to share a row, or all of one length), sparing the packed attention's gathers."""
     for index in order:
-        longest = max(len(token_ids[i]) for i in index)
-        packed = pack(token_ids, index, pad_id, max(SCORING_ROW_WIDTH, longest))
-        yield (packed if packed.ids.numel() < len(index) * longest
+        lengths = [len(token_ids[i]) for i in index]
+        width = max(SCORING_ROW_WIDTH, *lengths)
+        _, _, n_rows, packed_width = row_layout(lengths, width)
+        # Decided before it is built: building a `Packing` for every batch scored a
+        # 200,000-line file of similar short messages with a tiny model in 13.1-13.3 s
+        # against 8.2-9.0 padded; deciding first, 8.0-8.4 (benchmarks/README.md).
+        yield (pack(token_ids, index, pad_id, width)
+               if n_rows * packed_width < len(index) * max(lengths)
                else collate(token_ids, index, pad_id))
