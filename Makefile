@@ -29,7 +29,8 @@ cores_each = $(shell echo $$(( $$(nproc) / $(1) > 0 ? $$(nproc) / $(1) : 1 )))
 # Two workers, each taking a whole test module at a time (module fixtures such as the
 # pipeline's `dvc repro` are built once), longest modules first (tests/conftest.py),
 # each with its share of the cores, as in `make sweep` (oversubscribed, 2 cores ran the
-# suite in 10.5 min instead of 8.9). Serially it takes ~19.5 min.
+# suite in 10.5 min instead of 8.9, an earlier and smaller suite; serially it took ~19.5;
+# docs/testing.md has the current times).
 TEST_JOBS ?= 2
 TEST_THREADS ?= $(call cores_each,$(TEST_JOBS))
 test: $(VENV)/.dev
