@@ -9,7 +9,6 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed: figures only go to files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn import metrics  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
 
@@ -112,6 +111,9 @@ def one_vs_rest_curves(scored: pd.DataFrame, names: tuple[str, ...]
                        ) -> dict[str, pd.DataFrame]:
     """Each class's ROC curve against the rest, from test predictions (`label`, the class
     index, and `<class>_probability` columns); classes absent from them have none."""
+    # Imported here: it is ~1 s of the plot stage's ~3, and only these figures need it.
+    from sklearn import metrics
+
     curves = {}
     for i, name in enumerate(names):
         truth = (scored["label"] == i).astype(int)
