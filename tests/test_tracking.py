@@ -704,6 +704,35 @@ def test_a_damaged_store_is_one_sentence_naming_it(tmp_path):
     assert store.read_bytes() == bytes(data)  # left as it was
 
 
+def test_mlflow_waits_for_a_server_are_bounded_unless_the_user_set_them(monkeypatch):
+    """MLflow's own defaults wait ~9 minutes for a server that stopped answering (issue
+    31, item 7); a user's settings are theirs, and a local store needs none."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    from spamlora.tracking import SERVER_HTTP_DEFAULTS, bound_server_waits
+
+    for name in SERVER_HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    bound_server_waits("sqlite:///mlflow.db")
+    assert not set(SERVER_HTTP_DEFAULTS) & set(os.environ)
+    bound_server_waits("https://mlflow.example.org")
+    retries, factor, timeout = (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(),
+                                MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(),
+                                MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+    # Each try waits out its timeout, then urllib3's back-off before the next (none
+    # before the first retry, factor * 2**(n - 1) before the n-th after it).
+    worst = timeout * (retries + 1) + sum(factor * 2 ** (n - 1)
+                                          for n in range(2, retries + 1))
+    assert 0 < retries and worst <= 40
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    bound_server_waits("http://127.0.0.1:5000")
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 300
+
+
 @pytest.mark.e2e
 def test_a_server_that_dies_mid_training_costs_a_rerun_and_nothing_else(workspace,
                                                                         mlflow_server):
@@ -715,7 +744,10 @@ def test_a_server_that_dies_mid_training_costs_a_rerun_and_nothing_else(workspac
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"epochs": 3, "precision": "fp32", "checkpoint_seconds": 0})
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "DVC_ROOT": str(workspace), "MLFLOW_TRACKING_URI": uri}
+    # No retries: they would only add seconds to each call that fails (their bound is
+    # tested above).
+    env = {**os.environ, "DVC_ROOT": str(workspace), "MLFLOW_TRACKING_URI": uri,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     command = [sys.executable, str(REPO / "stages" / "train.py")]
     stage = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)

@@ -226,6 +226,14 @@ SERVER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+def bound_server_waits(uri: str) -> None:
+    """For a tracking server, MLflow's HTTP settings not set by the user take
+    `SERVER_HTTP_DEFAULTS`."""
+    if urlparse(uri).scheme in ("http", "https"):
+        for name, value in SERVER_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
 class TrackingUnavailable(SpamloraError):
     """The tracking server stopped answering; what was not logged can be delivered by a
     rerun once it is back."""
@@ -340,9 +348,7 @@ def _client():
 
     uri = tracking_uri(repo_root())
     check_reachable(uri)
-    if urlparse(uri).scheme in ("http", "https"):
-        for name, value in SERVER_HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+    bound_server_waits(uri)
     mlflow.set_tracking_uri(uri)
     store = sqlite_path(uri)
     with _store_lock(uri, repo_root()):
