@@ -23,11 +23,12 @@ SMS_FILE = SHARED / "sms_spam" / "SMSSpamCollection"
 BPE_DIR = SHARED / "gpt2_bpe"
 
 
-# The modules that take longest (serial seconds on the 2-core machine: ~340, ~280, ~180,
-# ~150, ~130, ~80, ~55), collected first: `make test` hands whole modules to two workers
-# in collection order, and a long module picked up last would leave one worker idle.
-LONGEST_FIRST = ("test_pipeline", "test_resume", "test_experiments", "test_benchmark_script",
-                 "test_tracking", "test_cli", "test_mlflow_model")
+# The modules that take longest (seconds in `make test` on the AMX Xeon, 2026-12-08:
+# ~290, ~140, ~140, ~130, ~30, ~65), collected first: `make test` hands whole modules to
+# two workers in collection order, and a long module picked up last would leave one
+# worker idle.
+LONGEST_FIRST = ("test_pipeline", "test_resume", "test_benchmark_script", "test_tracking",
+                 "test_cli", "test_mlflow_model")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """The book's chapter 6 experiments (`make experiments`): each row's flags as DVC applies
-them, and the report read from a synthetic `dvc exp show --json`."""
+them, and the report read from a synthetic `dvc exp show --json` (two rows queued, run
+by two workers and reported for real: test_pipeline.py)."""
 
 import shutil
 import subprocess
@@ -208,86 +209,3 @@ def test_make_experiments_queues_the_rows_and_runs_the_queue_as_make_sweep(tmp_p
     sweep = dry_run("sweep", "SWEEP_JOBS=3", "SWEEP_THREADS=5")
     ran = experiments[experiments.index(start):-1]
     assert sweep[sweep.index(start):sweep.index(start) + len(ran)] == ran
-
-
-@pytest.mark.e2e
-def test_two_rows_queued_run_and_reported_each_as_its_own_mlflow_run(tmp_path):
-    """`make experiments ROWS="1 8" EXTRA="-S train.epochs=1"`, step by step as its
-    recipe runs them, on a tiny GPT-2 (the "pretrained" weights of row 1) served on
-    127.0.0.1: a random-base row and a last_block row."""
-    import hashlib
-    import sys
-    import time
-
-    import mlflow
-
-    from spamlora.hub import MODEL_FILES
-    from spamlora.tracking import EXPERIMENT
-
-    from .conftest import dataset_zip_bytes, local_server, make_hf_gpt2
-    from .workspace import dvc, env, make_workspace
-
-    def spamlora(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "spamlora.cli", *args], cwd=ws,
-                              env=env(ws), capture_output=True, text=True, timeout=300)
-
-    with local_server() as server:
-        body = dataset_zip_bytes()
-        model = make_hf_gpt2(tmp_path / "gpt2", n_embd=32, n_layer=2, n_head=2,
-                             n_positions=256)
-        server.serve_dir("/hub/gpt2", model)
-        ws = make_workspace(tmp_path / "ws", {
-            "data.url": server.serve("/uci/sms+spam+collection.zip", body),
-            "data.sha256": hashlib.sha256(body).hexdigest(),
-            "model.url": server.base_url + "/hub/{name}",
-            "model.sha256": {name: hashlib.sha256((model / name).read_bytes()).hexdigest()
-                             for name in MODEL_FILES}})
-        queued = spamlora("experiments", "queue", "1", "8", "-S", "train.epochs=1")
-        assert queued.returncode == 0, queued.stderr
-        assert "queued book-row-01-last-block (needs pretrained gpt2 weights" in queued.stdout
-        # the recipe's workers: their share of the cores each
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=ws,
-                       env={**env(ws), "OMP_NUM_THREADS": "1"}, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 480
-        while time.monotonic() < deadline:
-            status = dvc(ws, "queue", "status")
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(3)
-        dvc(ws, "queue", "stop")  # no idle worker outlives the test
-    assert status.count("Success") == 2, status + dvc(ws, "queue", "logs",
-                                                      "book-row-01-last-block")
-
-    reported = spamlora("experiments", "report")
-    assert reported.returncode == 0, reported.stderr
-    table = (ws / "metrics" / "experiments" / "table.md").read_text(encoding="utf-8")
-    for number, name in ((1, "book-row-01-last-block"), (8, "book-row-08-random-all")):
-        line = next(x for x in table.splitlines() if f"| {name} |" in x)
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        assert cells[0] == str(number)
-        assert cells[3].endswith("**train.epochs=1**")  # not the book's 5: said
-        ours = [cells[i] for i in (4, 6, 8, 10)]  # train, validation, test, test_unseen
-        assert all(c.endswith("%") and 0 <= float(c[:-1]) <= 100 for c in ours), line
-        assert float(cells[11]) > 0  # training seconds
-        assert cells[13].startswith(("x86_64", "aarch64", "arm64", "AMD64")), line
-    assert "| book-row-02-first-token (not run) |" in table
-    assert (ws / "metrics" / "experiments" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-
-    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"book-row-01-last-block", "book-row-08-random-all"}
-    for run in by_name.values():
-        assert run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
-        assert run.data.params["train.epochs"] == "1"
-    assert by_name["book-row-08-random-all"].data.params["model.weights"] == "random"
-    assert by_name["book-row-01-last-block"].data.params["train.trainable"] == "last_block"
-
-    # A row run already is refused before any of those asked for is queued.
-    again = spamlora("experiments", "queue", "2", "1")
-    assert again.returncode == 1
-    assert ("experiment(s) book-row-01-last-block exist already on this commit (run, "
-            "running or queued): `dvc exp remove book-row-01-last-block` to run them "
-            "again") in again.stderr
-    assert "book-row-02" not in dvc(ws, "queue", "status")

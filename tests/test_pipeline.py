@@ -194,30 +194,61 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     assert json.loads(paths.metrics("train").read_text())[RUN_ID_KEY] == exp_run.info.run_id
 
 
-def test_two_queued_experiments_on_two_workers_both_land(pipeline):
+def test_two_book_rows_queued_on_two_workers_land_and_are_reported(pipeline):
+    """`make experiments ROWS="1 8" EXTRA="-S train.epochs=1"`, step by step as its
+    recipe runs them: a last_block row on the "pretrained" tiny GPT-2 served on
+    127.0.0.1, and a random-base row, in two queue workers; each its own MLflow run in
+    the workspace's store, and a row of the report."""
     ws, _, _ = pipeline
-    dvc(ws, "exp", "run", "--queue", "-S", "lora.rank=2")
-    dvc(ws, "exp", "run", "--queue", "-S", "lora.rank=16")
-    # One thread per worker: two 2-thread trainings on 2 cores thrash ~10x slower.
-    worker_env = {**env(ws), "OMP_NUM_THREADS": "1"}
-    # Not captured: the workers it leaves running would hold the pipes open.
+    queued = spamlora(ws, "experiments", "queue", "1", "8", "-S", "train.epochs=1")
+    assert "queued book-row-01-last-block (needs pretrained gpt2 weights" in queued
+    # The recipe's workers, a core each: two 2-thread trainings on 2 cores thrash ~10x
+    # slower. Not captured: the workers it leaves running would hold the pipes open.
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=ws,
-                   env=worker_env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
+                   env={**env(ws), "OMP_NUM_THREADS": "1"}, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 480
     while time.monotonic() < deadline:
         status = dvc(ws, "queue", "status")
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     dvc(ws, "queue", "stop")  # no idle worker outlives the test
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 2, status + dvc(ws, "queue", "logs",
+                                                      "book-row-01-last-block")
     _, runs = mlflow_runs(ws)
-    ranks = sorted(int(r.data.params["lora.rank"]) for r in runs)
-    assert ranks == [2, 4, 4, 8, 16]  # rank 4: experiments A and B
-    assert all(r.info.status == "FINISHED" and "test.accuracy" in r.data.metrics
-               for r in runs)
+    rows = {r.info.run_name: r for r in runs if r.info.run_name.startswith("book-row-")}
+    assert set(rows) == {"book-row-01-last-block", "book-row-08-random-all"}
+    for run in rows.values():
+        assert run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
+        assert run.data.params["train.epochs"] == "1"
+    assert rows["book-row-08-random-all"].data.params["model.weights"] == "random"
+    assert rows["book-row-01-last-block"].data.params["train.trainable"] == "last_block"
     assert os.path.isdir(ws / "mlartifacts")
+
+    spamlora(ws, "experiments", "report")
+    table = (ws / "metrics" / "experiments" / "table.md").read_text(encoding="utf-8")
+    for number, name in ((1, "book-row-01-last-block"), (8, "book-row-08-random-all")):
+        line = next(x for x in table.splitlines() if f"| {name} |" in x)
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[0] == str(number)
+        assert cells[3].endswith("**train.epochs=1**")  # not the book's 5: said
+        ours = [cells[i] for i in (4, 6, 8, 10)]  # train, validation, test, test_unseen
+        assert all(c.endswith("%") and 0 <= float(c[:-1]) <= 100 for c in ours), line
+        assert float(cells[11]) > 0  # training seconds
+        assert cells[13].startswith(("x86_64", "aarch64", "arm64", "AMD64")), line
+    assert "| book-row-02-first-token (not run) |" in table
+    assert (ws / "metrics" / "experiments" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A row run already is refused before any of those asked for is queued.
+    again = subprocess.run([sys.executable, "-m", "spamlora.cli", "experiments", "queue",
+                            "2", "1"], cwd=ws, env=env(ws), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1
+    assert ("experiment(s) book-row-01-last-block exist already on this commit (run, "
+            "running or queued): `dvc exp remove book-row-01-last-block` to run them "
+            "again") in again.stderr
+    assert "book-row-02" not in dvc(ws, "queue", "status")
 
 
 def spamlora(ws, *args, **extra_env):
@@ -238,8 +269,9 @@ MESSAGES = ["WINNER!! claim your free prize now", "ok see you at 5"]
 def test_promote_an_experiment_then_predict_from_the_registry(pipeline, tmp_path):
     ws, _, _ = pipeline
     client, runs = mlflow_runs(ws)
-    exp_run = next(r for r in runs if r.data.params["lora.rank"] == "4"
-                   and TRAINING_RUN_TAG not in r.data.tags)
+    # the rank-4 experiment's run, whose adapter the workspace holds (not a queued one's)
+    exp_run = client.get_run(json.loads(Paths(ws).metrics("train").read_text())[RUN_ID_KEY])
+    assert exp_run.data.params["lora.rank"] == "4" and TRAINING_RUN_TAG not in exp_run.data.tags
     out = spamlora(ws, "promote", "--exp", exp_run.data.tags["dvc.exp_name"])
     assert f"from run {exp_run.info.run_id}" in out
     assert "models:/spamlora-sms@champion" in out
@@ -252,7 +284,7 @@ def test_promote_an_experiment_then_predict_from_the_registry(pipeline, tmp_path
     assert by_alias == pytest.approx(by_files, abs=1e-4)
 
     # The best of all five runs; a queued one trained in a temporary copy that is gone,
-    # so its base comes from the cache, downloaded from the recorded URL.
+    # so a base it needs comes from the cache, downloaded from the recorded URL.
     best = max((r for r in runs if "validation.accuracy" in r.data.metrics),
                key=lambda r: r.data.metrics["validation.accuracy"])
     out = spamlora(ws, "promote", "--best", "validation.accuracy")  # as README says
@@ -274,10 +306,11 @@ def test_sweep_report_from_dvc_exp_show(pipeline):
                           cwd=ws, env=env(ws), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(ws / "metrics" / "sweep" / "experiments.csv")
-    assert set(table["rank"]) == {2, 4, 8, 16}  # the baseline, exp run and the queue
+    # the baseline and the exp run; the queued book rows are not rank-sweep results
+    assert set(table["rank"]) == {4, 8}
     by_rank = table.groupby("rank")["trainable"].first()
     assert by_rank.is_monotonic_increasing and by_rank.is_unique
-    assert "| 16 |" in (ws / "metrics" / "sweep" / "by_rank.md").read_text()
+    assert "| 4 |" in (ws / "metrics" / "sweep" / "by_rank.md").read_text()
     png = ws / "metrics" / "sweep" / "accuracy_vs_rank.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
 
