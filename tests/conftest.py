@@ -24,11 +24,11 @@ BPE_DIR = SHARED / "gpt2_bpe"
 
 
 # The modules that take longest (seconds in `make test` on the AMX Xeon, 2026-12-08:
-# ~290, ~140, ~140, ~130, ~30, ~65), collected first: `make test` hands whole modules to
-# two workers in collection order, and a long module picked up last would leave one
+# ~280, ~145, ~130, ~120, ~60, ~40, ~30), collected first: `make test` hands whole modules
+# to two workers in collection order, and a long module picked up last would leave one
 # worker idle.
-LONGEST_FIRST = ("test_pipeline", "test_resume", "test_benchmark_script", "test_tracking",
-                 "test_cli", "test_mlflow_model")
+LONGEST_FIRST = ("test_pipeline", "test_tracking", "test_benchmark_script", "test_resume",
+                 "test_mlflow_model", "test_distributed", "test_cli")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

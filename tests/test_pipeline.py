@@ -19,6 +19,7 @@ import yaml
 
 from spamlora.hub import MODEL_FILES
 from spamlora.paths import SPLITS, Paths
+from spamlora.sweep import BOOK_ROW_PREFIX
 from spamlora.tracking import EXPERIMENT, RUN_ID_KEY, STAGES_TAG, TRAINING_RUN_TAG
 
 from .conftest import REPO, dataset_zip_bytes, local_server, make_hf_gpt2
@@ -194,14 +195,27 @@ def test_exp_run_reruns_only_training_and_logs_a_second_run(pipeline):
     assert json.loads(paths.metrics("train").read_text())[RUN_ID_KEY] == exp_run.info.run_id
 
 
+def spamlora(ws, *args, **extra_env):
+    """What `spamlora args...` printed, once it succeeded."""
+    proc = spamlora_process(ws, *args, **extra_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def spamlora_process(ws, *args, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spamlora.cli", *args], cwd=ws,
+                          env={**env(ws), **extra_env}, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_two_book_rows_queued_on_two_workers_land_and_are_reported(pipeline):
-    """`make experiments ROWS="1 8" EXTRA="-S train.epochs=1"`, step by step as its
-    recipe runs them: a last_block row on the "pretrained" tiny GPT-2 served on
-    127.0.0.1, and a random-base row, in two queue workers; each its own MLflow run in
-    the workspace's store, and a row of the report."""
+    """`make experiments ROWS="8 9" EXTRA="-S train.epochs=1"`, step by step as its
+    recipe runs them: a random-base row, and a LoRA row of rank 16 on the "pretrained"
+    tiny GPT-2 served on 127.0.0.1, in two queue workers; each its own MLflow run in the
+    workspace's store with the -S values it was queued with, and a row of the report."""
     ws, _, _ = pipeline
-    queued = spamlora(ws, "experiments", "queue", "1", "8", "-S", "train.epochs=1")
-    assert "queued book-row-01-last-block (needs pretrained gpt2 weights" in queued
+    queued = spamlora(ws, "experiments", "queue", "8", "9", "-S", "train.epochs=1")
+    assert "queued book-row-09-lora-r16 (needs pretrained gpt2 weights" in queued
     # The recipe's workers, a core each: two 2-thread trainings on 2 cores thrash ~10x
     # slower. Not captured: the workers it leaves running would hold the pipes open.
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=ws,
@@ -215,20 +229,26 @@ def test_two_book_rows_queued_on_two_workers_land_and_are_reported(pipeline):
         time.sleep(3)
     dvc(ws, "queue", "stop")  # no idle worker outlives the test
     assert status.count("Success") == 2, status + dvc(ws, "queue", "logs",
-                                                      "book-row-01-last-block")
+                                                      "book-row-09-lora-r16")
+    # the baseline, experiments A and B (test_exp_run_...) and the two rows, all whole
     _, runs = mlflow_runs(ws)
-    rows = {r.info.run_name: r for r in runs if r.info.run_name.startswith("book-row-")}
-    assert set(rows) == {"book-row-01-last-block", "book-row-08-random-all"}
-    for run in rows.values():
-        assert run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
-        assert run.data.params["train.epochs"] == "1"
-    assert rows["book-row-08-random-all"].data.params["model.weights"] == "random"
-    assert rows["book-row-01-last-block"].data.params["train.trainable"] == "last_block"
+    assert len(runs) == 5 and all(r.info.status == "FINISHED"
+                                  and "test.accuracy" in r.data.metrics for r in runs)
+    rows = sorted((r for r in runs if r.info.run_name.startswith(BOOK_ROW_PREFIX)),
+                  key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in rows] == ["book-row-08-random-all",
+                                               "book-row-09-lora-r16"]
+    assert all(r.data.params["train.epochs"] == "1" for r in rows)
+    random_all, lora_r16 = rows
+    assert (random_all.data.params["model.weights"],
+            random_all.data.params["train.trainable"]) == ("random", "all")
+    assert (lora_r16.data.params["lora.rank"], lora_r16.data.params["lora.init"],
+            lora_r16.data.params["train.trainable"]) == ("16", "textbook", "lora")
     assert os.path.isdir(ws / "mlartifacts")
 
     spamlora(ws, "experiments", "report")
     table = (ws / "metrics" / "experiments" / "table.md").read_text(encoding="utf-8")
-    for number, name in ((1, "book-row-01-last-block"), (8, "book-row-08-random-all")):
+    for number, name in ((8, "book-row-08-random-all"), (9, "book-row-09-lora-r16")):
         line = next(x for x in table.splitlines() if f"| {name} |" in x)
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert cells[0] == str(number)
@@ -241,22 +261,12 @@ def test_two_book_rows_queued_on_two_workers_land_and_are_reported(pipeline):
     assert (ws / "metrics" / "experiments" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
     # A row run already is refused before any of those asked for is queued.
-    again = subprocess.run([sys.executable, "-m", "spamlora.cli", "experiments", "queue",
-                            "2", "1"], cwd=ws, env=env(ws), capture_output=True, text=True,
-                           timeout=300)
+    again = spamlora_process(ws, "experiments", "queue", "2", "9")
     assert again.returncode == 1
-    assert ("experiment(s) book-row-01-last-block exist already on this commit (run, "
-            "running or queued): `dvc exp remove book-row-01-last-block` to run them "
+    assert ("experiment(s) book-row-09-lora-r16 exist already on this commit (run, "
+            "running or queued): `dvc exp remove book-row-09-lora-r16` to run them "
             "again") in again.stderr
     assert "book-row-02" not in dvc(ws, "queue", "status")
-
-
-def spamlora(ws, *args, **extra_env):
-    proc = subprocess.run([sys.executable, "-m", "spamlora.cli", *args], cwd=ws,
-                          env={**env(ws), **extra_env}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def probabilities(jsonl: str) -> list[float]:
@@ -306,7 +316,8 @@ def test_sweep_report_from_dvc_exp_show(pipeline):
                           cwd=ws, env=env(ws), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(ws / "metrics" / "sweep" / "experiments.csv")
-    # the baseline and the exp run; the queued book rows are not rank-sweep results
+    # the baseline and the exp run; the queued book rows are not rank-sweep points (a
+    # queued one's rank reaching MLflow: the queue test above; in the report: test_sweep)
     assert set(table["rank"]) == {4, 8}
     by_rank = table.groupby("rank")["trainable"].first()
     assert by_rank.is_monotonic_increasing and by_rank.is_unique

@@ -706,30 +706,49 @@ def test_a_damaged_store_is_one_sentence_naming_it(tmp_path):
 
 def test_mlflow_waits_for_a_server_are_bounded_unless_the_user_set_them(monkeypatch):
     """MLflow's own defaults wait ~9 minutes for a server that stopped answering (issue
-    31, item 7); a user's settings are theirs, and a local store needs none."""
+    31, item 7): the stages' client bounds them for a tracking server, over http or
+    https; a user's settings are theirs, and a local store needs none."""
     from mlflow.environment_variables import (
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
         MLFLOW_HTTP_REQUEST_MAX_RETRIES,
         MLFLOW_HTTP_REQUEST_TIMEOUT,
     )
 
-    from spamlora.tracking import SERVER_HTTP_DEFAULTS, bound_server_waits
+    from spamlora import tracking
 
-    for name in SERVER_HTTP_DEFAULTS:
-        monkeypatch.delenv(name, raising=False)
-    bound_server_waits("sqlite:///mlflow.db")
-    assert not set(SERVER_HTTP_DEFAULTS) & set(os.environ)
-    bound_server_waits("https://mlflow.example.org")
-    retries, factor, timeout = (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(),
-                                MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(),
-                                MLFLOW_HTTP_REQUEST_TIMEOUT.get())
-    # Each try waits out its timeout, then urllib3's back-off before the next (none
-    # before the first retry, factor * 2**(n - 1) before the n-th after it).
-    worst = timeout * (retries + 1) + sum(factor * 2 ** (n - 1)
-                                          for n in range(2, retries + 1))
-    assert 0 < retries and worst <= 40
+    class Connecting(Exception):
+        """Where the client, its waits set, would connect."""
+
+    def connecting(uri):
+        raise Connecting(uri)
+
+    def client_of(uri: str) -> None:
+        for name in tracking.SERVER_HTTP_DEFAULTS:  # set first, so that each is restored
+            monkeypatch.setenv(name, "unset")
+            monkeypatch.delenv(name)
+        monkeypatch.setattr(tracking, "tracking_uri", lambda root=None: uri)
+        with pytest.raises(Connecting):
+            tracking._client()
+
+    monkeypatch.setattr(tracking, "check_reachable", lambda uri: None)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", connecting)
+    client_of("sqlite:///mlflow.db")
+    assert not set(tracking.SERVER_HTTP_DEFAULTS) & set(os.environ)
+    for uri in ("http://127.0.0.1:5000", "https://mlflow.example.org"):
+        client_of(uri)
+        retries, factor, timeout = (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(),
+                                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(),
+                                    MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+        # Each try waits out its timeout, then urllib3's back-off before the next (none
+        # before the first retry, factor * 2**(n - 1) before the n-th after it, and
+        # MLflow's jitter of up to 1 s).
+        worst = timeout * (retries + 1) + sum(factor * 2 ** (n - 1) + 1
+                                              for n in range(2, retries + 1))
+        assert 0 < retries and worst <= 40, uri
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
-    bound_server_waits("http://127.0.0.1:5000")
+    monkeypatch.setattr(tracking, "tracking_uri", lambda root=None: "http://127.0.0.1:5000")
+    with pytest.raises(Connecting):
+        tracking._client()
     assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 300
 
 
