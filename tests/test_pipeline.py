@@ -317,7 +317,8 @@ def test_sweep_report_from_dvc_exp_show(pipeline):
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(ws / "metrics" / "sweep" / "experiments.csv")
     # the baseline and the exp run; the queued book rows are not rank-sweep points (a
-    # queued one's rank reaching MLflow: the queue test above; in the report: test_sweep)
+    # queued one's rank reaching MLflow: the queue test above; queued experiments read
+    # from `dvc exp show`: the book rows' report there, through the same `finished`)
     assert set(table["rank"]) == {4, 8}
     by_rank = table.groupby("rank")["trainable"].first()
     assert by_rank.is_monotonic_increasing and by_rank.is_unique
