@@ -722,10 +722,13 @@ def test_mlflow_waits_for_a_server_are_bounded_unless_the_user_set_them(monkeypa
     def connecting(uri):
         raise Connecting(uri)
 
-    def client_of(uri: str) -> None:
+    def client_of(uri: str, **users: str) -> None:
+        """`_client()` of `uri` with only the user's `users` settings in the environment."""
         for name in tracking.SERVER_HTTP_DEFAULTS:  # set first, so that each is restored
             monkeypatch.setenv(name, "unset")
             monkeypatch.delenv(name)
+        for name, value in users.items():
+            monkeypatch.setenv(name, value)
         monkeypatch.setattr(tracking, "tracking_uri", lambda root=None: uri)
         with pytest.raises(Connecting):
             tracking._client()
@@ -745,11 +748,10 @@ def test_mlflow_waits_for_a_server_are_bounded_unless_the_user_set_them(monkeypa
         worst = timeout * (retries + 1) + sum(factor * 2 ** (n - 1) + 1
                                               for n in range(2, retries + 1))
         assert 0 < retries and worst <= 40, uri
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
-    monkeypatch.setattr(tracking, "tracking_uri", lambda root=None: "http://127.0.0.1:5000")
-    with pytest.raises(Connecting):
-        tracking._client()
+    client_of("http://127.0.0.1:5000", MLFLOW_HTTP_REQUEST_TIMEOUT="300")
     assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 300
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == int(
+        tracking.SERVER_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])  # the rest bound
 
 
 @pytest.mark.e2e
